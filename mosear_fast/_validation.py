@@ -1,0 +1,242 @@
+"""Input validation for the public ops: the one place that decides what is accepted.
+
+Every check raises ``ValueError`` (``TypeError`` for an argument of the wrong Python type) whose
+message names the argument and the expected form. Value range checks of integer ids need the
+values: always done for CPU tensors; for CUDA tensors unless ``validate=False`` or a CUDA graph is
+being captured (the kernels then skip out-of-range ids instead of reading out of bounds).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_MODALITIES = 8
+
+
+class DTypeError(ValueError, TypeError):
+    """A tensor of the wrong dtype: a ``ValueError`` (DESIGN 4) that ``except TypeError`` also catches."""
+
+
+def _fail(name: str, expected: str, got: str) -> ValueError:
+    return ValueError(f"{name}: expected {expected}, got {got}")
+
+
+def _tensor(name, t, *, ndim=None, dtypes=None, integer=False, floating=False):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise _fail(name, f"a {ndim}-d tensor", f"shape {tuple(t.shape)}")
+    if integer and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+        raise DTypeError(f"{name}: expected an integer tensor, got dtype {t.dtype}")
+    if floating and not t.is_floating_point():
+        raise DTypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise DTypeError(f"{name}: expected dtype in ({names}), got {t.dtype}")
+    return t
+
+
+def _shape(name, t, expected: tuple, what: str):
+    if tuple(t.shape) != tuple(expected):
+        raise _fail(name, f"shape {tuple(expected)} {what}", f"{tuple(t.shape)}")
+
+
+def _same_device(device, **tensors):
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            raise _fail(name, f"a tensor on {device} like x/q", f"a tensor on {t.device}")
+
+
+def _needs_value_checks(t: torch.Tensor, validate: bool) -> bool:
+    if t.device.type == "cpu":
+        return True
+    if not validate:
+        return False
+    return not (t.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+def _check_range(name, t, low, high, *, mask=None):
+    values = t if mask is None else t[mask]
+    if values.numel() == 0:
+        return
+    lo, hi = int(values.min()), int(values.max())
+    if lo < low or hi >= high:
+        raise _fail(name, f"ids in [{low}, {high})", f"values in [{lo}, {hi}]")
+
+
+def _real(name, value, *, low=None, high=None):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+        raise _fail(name, f"a finite number in {bounds}", repr(value))
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# mose_lora
+# --------------------------------------------------------------------------------------------
+
+
+def check_mose_args(x, modality, expert, gate, A, B, scale, out, *, inplace, validate) -> torch.Tensor:
+    """Validates ``mose_lora``'s arguments; returns ``scale`` as an (M,) float32 tensor on x's device."""
+    _tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
+    _tensor("A", A, ndim=3, dtypes=FLOAT_DTYPES)
+    _tensor("B", B, ndim=4, dtypes=FLOAT_DTYPES)
+    _tensor("modality", modality, ndim=1, integer=True)
+    _tensor("expert", expert, ndim=2, integer=True)
+    _tensor("gate", gate, ndim=2, floating=True)
+    n_tokens, d_in = x.shape
+    n_modalities, rank, a_d_in = A.shape
+    if n_modalities < 1 or n_modalities > MAX_MODALITIES:
+        raise _fail("A", f"(M, r, d_in) with 1 <= M <= {MAX_MODALITIES}", f"shape {tuple(A.shape)}")
+    if rank < 1:
+        raise _fail("A", "(M, r, d_in) with r >= 1", f"shape {tuple(A.shape)}")
+    if a_d_in != d_in:
+        raise _fail("A", f"(M, r, d_in) with d_in = x.shape[1] = {d_in}", f"shape {tuple(A.shape)}")
+    if B.shape[0] != n_modalities or B.shape[3] != rank or B.shape[1] < 1:
+        raise _fail("B", f"(M={n_modalities}, E>=1, d_out, r={rank})", f"shape {tuple(B.shape)}")
+    n_experts, d_out = B.shape[1], B.shape[2]
+    _shape("modality", modality, (n_tokens,), "(N,) like x.shape[0]")
+    if expert.shape[0] != n_tokens or expert.shape[1] not in (1, 2):
+        raise _fail("expert", f"shape ({n_tokens}, k) with k in {{1, 2}}", f"{tuple(expert.shape)}")
+    _shape("gate", gate, tuple(expert.shape), "(N, k) like expert")
+    for name, t in (("A", A), ("B", B)):
+        if t.dtype != x.dtype:
+            raise DTypeError(f"{name}: expected dtype {x.dtype} like x (x, A, B and out share one dtype), "
+                             f"got {t.dtype}")
+    if out is not None:
+        _tensor("out", out, ndim=2)
+        _shape("out", out, (n_tokens, d_out), "(N, d_out)")
+        if out.dtype != x.dtype:
+            raise DTypeError(f"out: expected dtype {x.dtype} like x (x, A, B and out share one dtype), "
+                             f"got {out.dtype}")
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace: expected a bool, got {type(inplace).__name__}")
+    if inplace:
+        if out is None:
+            raise ValueError("inplace: inplace=True needs an `out` tensor to write into, got out=None")
+        if out.requires_grad:
+            raise ValueError("inplace: refused because out requires grad; pass inplace=False")
+    _same_device(x.device, modality=modality, expert=expert, gate=gate, A=A, B=B, out=out)
+
+    if isinstance(scale, torch.Tensor):
+        if not scale.is_floating_point():
+            raise DTypeError(f"scale: expected a float or a floating-point (M,) tensor, got dtype {scale.dtype}")
+        if scale.dim() != 1 or scale.shape[0] != n_modalities:
+            raise _fail("scale", f"a float or an (M,) = ({n_modalities},) tensor", f"shape {tuple(scale.shape)}")
+        _same_device(x.device, scale=scale)
+        scale_vec = scale.to(torch.float32)
+    else:
+        scale_vec = torch.full((n_modalities,), _real("scale", scale), dtype=torch.float32, device=x.device)
+
+    if _needs_value_checks(modality, validate):
+        _check_range("modality", modality, -1, n_modalities)
+        _check_range("expert", expert, 0, n_experts, mask=modality >= 0)
+    return scale_vec
+
+
+# --------------------------------------------------------------------------------------------
+# ar_attention
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ARArgs:
+    """Normalised scalar arguments of ``ar_attention`` (tensors are passed through unchanged)."""
+
+    num_modalities: int
+    balance: tuple[int, ...]
+    target: tuple[float, ...] | None
+    strength: float
+    threshold: float
+    modality_bias: tuple[float, ...] | None
+    causal: bool
+    scale: float
+
+
+def _int_sequence(name, value):
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{name}: expected a sequence of ints, got {type(value).__name__}")
+    out = []
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, numbers.Integral):
+            raise TypeError(f"{name}: expected a sequence of ints, got an item of type {type(item).__name__}")
+        out.append(int(item))
+    return tuple(out)
+
+
+def _float_sequence(name, value, length, *, positive=False):
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{name}: expected a sequence of {length} floats, got {type(value).__name__}")
+    if len(value) != length:
+        raise _fail(name, f"a sequence of {length} floats", f"length {len(value)}")
+    out = tuple(_real(f"{name}[{i}]", v) for i, v in enumerate(value))
+    if positive and any(v <= 0 for v in out):
+        raise _fail(name, "positive floats", repr(out))
+    return out
+
+
+def check_ar_args(q, k, v, key_modality, *, num_modalities, balance, target, strength, threshold,
+                  modality_bias, causal, scale, query_mask, validate) -> ARArgs:
+    """Validates ``ar_attention``'s arguments and returns the normalised scalars."""
+    _tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
+    _tensor("k", k, ndim=4, dtypes=FLOAT_DTYPES)
+    _tensor("v", v, ndim=4, dtypes=FLOAT_DTYPES)
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise DTypeError(f"{name}: expected dtype {q.dtype} like q, got {t.dtype}")
+    batch, n_q_heads, len_q, head_dim = q.shape
+    if k.shape[0] != batch or k.shape[3] != head_dim or k.shape[1] < 1:
+        raise _fail("k", f"(B={batch}, Hkv, Lk, D={head_dim})", f"shape {tuple(k.shape)}")
+    _shape("v", v, tuple(k.shape), "like k")
+    n_kv_heads, len_k = k.shape[1], k.shape[2]
+    if n_q_heads % n_kv_heads != 0:
+        raise _fail("q", f"a head count divisible by k's head count {n_kv_heads} (Hq % Hkv == 0)",
+                    f"Hq = {n_q_heads}")
+    if head_dim < 1:
+        raise _fail("q", "head dim D >= 1", f"shape {tuple(q.shape)}")
+    _tensor("key_modality", key_modality, ndim=2, integer=True)
+    _shape("key_modality", key_modality, (batch, len_k), "(B, Lk)")
+    if query_mask is not None:
+        _tensor("query_mask", query_mask, ndim=2)
+        if query_mask.dtype != torch.bool:
+            raise DTypeError(f"query_mask: expected a bool tensor (B, Lq), got dtype {query_mask.dtype}")
+        _shape("query_mask", query_mask, (batch, len_q), "(B, Lq)")
+    _same_device(q.device, k=k, v=v, key_modality=key_modality, query_mask=query_mask)
+
+    if isinstance(num_modalities, bool) or not isinstance(num_modalities, numbers.Integral):
+        raise TypeError(f"num_modalities: expected an int, got {type(num_modalities).__name__}")
+    num_modalities = int(num_modalities)
+    if not 1 <= num_modalities <= MAX_MODALITIES:
+        raise _fail("num_modalities", f"an int in [1, {MAX_MODALITIES}]", repr(num_modalities))
+    balance = _int_sequence("balance", balance)
+    if len(set(balance)) != len(balance) or any(not 0 <= m < num_modalities for m in balance):
+        raise _fail("balance", f"distinct modality ids in [0, {num_modalities})", repr(balance))
+    if target is not None:
+        target = _float_sequence("target", target, len(balance), positive=True)
+    strength = _real("strength", strength, low=0.0, high=1.0)
+    threshold = _real("threshold", threshold, low=0.0)
+    if modality_bias is not None:
+        modality_bias = _float_sequence("modality_bias", modality_bias, num_modalities)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    else:
+        scale = _real("scale", scale)
+
+    if _needs_value_checks(key_modality, validate):
+        _check_range("key_modality", key_modality, -1, num_modalities)
+    return ARArgs(num_modalities, balance, target, strength, threshold, modality_bias, causal, scale)

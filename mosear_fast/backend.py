@@ -1,0 +1,66 @@
+"""Backend dispatch: the one place that maps (op, backend, device) to an implementation.
+
+``auto`` picks Triton for CUDA tensors and the PyTorch backend on the CPU. ``triton`` on CPU
+tensors runs only under the Triton interpreter (``TRITON_INTERPRET=1``, which the tests set; the
+package never sets it) and raises otherwise. Implementations are imported lazily, so a CPU-only
+user never imports triton.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from collections.abc import Callable
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+
+# op -> backend -> "module:function" (None: not implemented yet)
+_IMPLEMENTATIONS: dict[str, dict[str, str | None]] = {
+    "mose_lora": {
+        "torch": "mosear_fast.kernels.mose.torch_backend:mose_lora_torch",
+        "triton": None,
+    },
+    "ar_attention": {
+        "torch": "mosear_fast.kernels.ar_attention.torch_backend:ar_attention_torch",
+        "triton": None,
+    },
+}
+
+
+def triton_interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def resolve_backend(op: str, backend: str, device: torch.device) -> str:
+    """The concrete backend ("torch" or "triton") that runs ``op`` for tensors on ``device``."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend: expected one of {BACKENDS}, got {type(backend).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    has_triton = _IMPLEMENTATIONS[op]["triton"] is not None and triton_available()
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and has_triton else "torch"
+    if backend == "triton":
+        if _IMPLEMENTATIONS[op]["triton"] is None:
+            raise NotImplementedError(f"backend: the Triton kernel of {op} is not implemented yet; "
+                                      "use backend='torch' or 'auto'")
+        if not triton_available():
+            raise ValueError("backend: 'triton' needs the triton package, which is not installed")
+        if device.type != "cuda" and not triton_interpreter_enabled():
+            raise ValueError(f"backend: 'triton' needs CUDA tensors (got tensors on {device}); on the CPU it "
+                             "runs only under the Triton interpreter (TRITON_INTERPRET=1)")
+    return backend
+
+
+def implementation(op: str, backend: str, device: torch.device) -> Callable:
+    """The callable that runs ``op`` on ``backend`` ("auto" resolved for ``device``)."""
+    target = _IMPLEMENTATIONS[op][resolve_backend(op, backend, device)]
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)

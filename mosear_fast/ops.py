@@ -1,0 +1,55 @@
+"""Public functional ops: validate, then dispatch to a backend (DESIGN section 4)."""
+
+from __future__ import annotations
+
+import torch
+
+from ._validation import check_ar_args, check_mose_args
+from .backend import implementation
+
+
+def mose_lora(x, modality, expert, gate, A, B, scale, out=None, *, inplace=False, backend="auto",
+              validate=True, **backend_options) -> torch.Tensor:
+    """``out`` plus the MoSE update of every token through its selected experts.
+
+    x (N, d_in); modality (N,) ints in [-1, M) (-1: no adapter, the row is ``out`` exactly);
+    expert (N, k) ints in [0, E), k in {1, 2}; gate (N, k) float; A (M, r, d_in);
+    B (M, E, d_out, r); scale a float or an (M,) tensor (``s * w_m``); out (N, d_out) or None (zeros).
+
+        y_t = out_t + scale[m] * sum_j gate[t, j] * B[m, expert[t, j]] @ (A[m] @ x_t),  m = modality[t]
+
+    Returns a new tensor of ``out.dtype`` (``x.dtype`` without out), or ``out`` itself with
+    ``inplace=True`` (refused when out requires grad). Differentiable in x, gate, A, B and out.
+    ``backend``: "auto" (Triton on CUDA, PyTorch on CPU), "torch" or "triton".
+    """
+    scale_vec = check_mose_args(x, modality, expert, gate, A, B, scale, out, inplace=inplace, validate=validate)
+    run = implementation("mose_lora", backend, x.device)
+    return run(x, modality, expert, gate, A, B, scale_vec, out, inplace=inplace, **backend_options)
+
+
+def ar_attention(q, k, v, key_modality, *, num_modalities, balance=(1, 2), target=None, strength=0.5,
+                 threshold=0.0, modality_bias=None, causal=True, scale=None, query_mask=None,
+                 return_masses=False, backend="auto", validate=True, **backend_options):
+    """Softmax attention whose per-modality mass is moved toward a balanced target (DESIGN 2.2).
+
+    q (B, Hq, Lq, D); k, v (B, Hkv, Lk, D) with Hq % Hkv == 0; key_modality (B, Lk) ints in
+    [-1, M) (-1 = padding, never attended). Causal masking is bottom-right aligned. For each query,
+    the masses of the ``balance`` modalities that have a visible key are moved toward ``target``
+    (uniform when None) by ``strength`` when some share exceeds its target by more than
+    ``threshold``; ``query_mask`` (B, Lq) bool selects the queries that are reallocated.
+    ``modality_bias`` (M floats) is added to the logits of each modality's keys first.
+
+    Returns o (B, Hq, Lq, D) in q's dtype, or ``(o, masses)`` with ``return_masses=True``: the
+    pre-reallocation masses (B, Hq, Lq, M) in float32. ``strength=0`` without bias is plain softmax
+    attention.
+    """
+    args = check_ar_args(q, k, v, key_modality, num_modalities=num_modalities, balance=balance, target=target,
+                         strength=strength, threshold=threshold, modality_bias=modality_bias, causal=causal,
+                         scale=scale, query_mask=query_mask, validate=validate)
+    if not isinstance(return_masses, bool):
+        raise TypeError(f"return_masses: expected a bool, got {type(return_masses).__name__}")
+    run = implementation("ar_attention", backend, q.device)
+    return run(q, k, v, key_modality, num_modalities=args.num_modalities, balance=args.balance,
+               target=args.target, strength=args.strength, threshold=args.threshold,
+               modality_bias=args.modality_bias, causal=args.causal, scale=args.scale,
+               query_mask=query_mask, return_masses=return_masses, **backend_options)
