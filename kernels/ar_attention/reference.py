@@ -56,12 +56,12 @@ def ar_attention_reference(
                 selected = query_mask is None or bool(query_mask[b, i])
                 in_s = [m for m in balance if m in present]
                 mass_s = sum(mass[m] for m in in_s) if in_s else 0.0
-                if selected and len(in_s) >= 2 and float(mass_s) > 0:
+                if selected and len(in_s) >= 2 and float(mass_s.detach()) > 0:
                     tau_raw = {m: t for m, t in zip(balance, target)}
                     tau_sum = sum(tau_raw[m] for m in in_s)
                     tau = {m: tau_raw[m] / tau_sum for m in in_s}
                     sigma = {m: mass[m] / mass_s for m in in_s}
-                    if max(float(sigma[m]) - tau[m] for m in in_s) > threshold:
+                    if max(float(sigma[m].detach()) - tau[m] for m in in_s) > threshold:
                         for m in in_s:
                             new_mass[m] = mass_s * ((1 - strength) * sigma[m] + strength * tau[m])
 

@@ -8,7 +8,9 @@ reallocated masses ``P'_m`` and the output in a single ``P @ V``:
     o = sum_j (P'_{mu(j)} / l_{mu(j)}) * p_j * v_j = sum_m P'_m * vbar_m
 
 which is DESIGN 2.2's definition (each modality's mean under its own softmax), so a modality whose
-mass underflows still receives its reallocated mass. GQA: query heads are viewed as
+mass underflows still receives its reallocated mass. The static ``modality_bias`` is constant within a
+modality: it cancels in ``vbar_m`` and is applied to the per-modality maxima when the masses are
+formed, which keeps a bias of -1e4 from eating the scores' float32 precision. GQA: query heads are viewed as
 (Hkv, group) and multiply the shared K/V head directly; K/V are never repeated. With causal
 masking, a chunk only reads the keys its last query can see.
 """
@@ -64,10 +66,9 @@ def ar_attention_torch(
     k32, v32 = k.to(f32), v.to(f32)  # one conversion per KV head, not per query head
     # Key class: its modality, padding -> the extra class n_mod (never visible).
     key_class = torch.where(key_modality >= 0, key_modality.long(), n_mod)  # [B, Lk]
-    bias = torch.zeros(n_mod + 1, dtype=f32, device=device)
+    bias = torch.zeros(n_mod, dtype=f32, device=device)
     if modality_bias is not None:
-        bias[:n_mod] = torch.tensor(modality_bias, dtype=f32, device=device)
-    key_bias = bias[key_class]  # [B, Lk]
+        bias = torch.tensor(modality_bias, dtype=f32, device=device)
     key_valid = key_modality >= 0  # [B, Lk]
     in_balance = torch.zeros(n_mod, dtype=torch.bool, device=device)
     tau = torch.zeros(n_mod, dtype=f32, device=device)
@@ -94,7 +95,7 @@ def ar_attention_torch(
         else:
             o_c, m_c = _attend_chunk(
                 q_grouped[:, :, :, start:stop], k32[:, :, :k_stop], v32[:, :, :k_stop],
-                key_class[:, :k_stop], key_bias[:, :k_stop], key_valid[:, :k_stop],
+                key_class[:, :k_stop], key_valid[:, :k_stop], bias,
                 first_query_pos=len_k - len_q + start, causal=causal, scale=scale, n_mod=n_mod,
                 in_balance=in_balance, tau=tau, strength=strength, threshold=threshold,
                 selected=None if query_mask is None else query_mask[:, None, None, start:stop],
@@ -114,14 +115,14 @@ def ar_attention_torch(
     return o
 
 
-def _attend_chunk(q_c, k32, v32, key_class, key_bias, key_valid, *, first_query_pos, causal, scale,
+def _attend_chunk(q_c, k32, v32, key_class, key_valid, bias, *, first_query_pos, causal, scale,
                   n_mod, in_balance, tau, strength, threshold, selected):
     """One query chunk: returns (o float32 [B, Hkv, G, c, D], masses float32 [B, Hkv, G, c, M])."""
     batch, n_kv_heads, group, n_rows, head_dim = q_c.shape
     len_k = k32.shape[2]
     q32 = q_c.to(torch.float32).reshape(batch, n_kv_heads, group * n_rows, head_dim)
     scores = (q32 @ k32.transpose(-1, -2)).view(batch, n_kv_heads, group, n_rows, len_k)  # [B,Hkv,G,c,Lk]
-    scores = scores * scale + key_bias[:, None, None, None, :]
+    scores = scores * scale
     visible = key_valid[:, None, None, None, :]  # [B,1,1,1,Lk]
     if causal:
         query_pos = first_query_pos + torch.arange(n_rows, device=q_c.device)
@@ -138,7 +139,8 @@ def _attend_chunk(q_c, k32, v32, key_class, key_bias, key_valid, *, first_query_
     class_sum = torch.zeros_like(class_max).scatter_add(-1, index, p)  # [.., M+1], >= 1 where has_key
 
     # Pre-reallocation masses from the per-modality sums, all relative to the global max.
-    has_key, class_max, class_sum = has_key[..., :n_mod], class_max[..., :n_mod], class_sum[..., :n_mod]
+    has_key, class_sum = has_key[..., :n_mod], class_sum[..., :n_mod]
+    class_max = class_max[..., :n_mod] + bias  # the static bias shifts a modality's whole softmax
     global_max = torch.where(has_key, class_max, torch.full_like(class_max, -float("inf"))).amax(-1, True)
     global_max = torch.where(torch.isfinite(global_max), global_max, torch.zeros_like(global_max))
     z = torch.where(has_key, class_sum * torch.exp(class_max - global_max), torch.zeros_like(class_sum))
