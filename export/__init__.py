@@ -1,0 +1,1 @@
+"""Export of MoSEAR models to ONNX and TensorRT (``mosear-export``)."""

@@ -1,0 +1,122 @@
+"""Every bad input of DESIGN section 4 raises ValueError/TypeError naming the argument."""
+
+import pytest
+import torch
+
+from mosear_fast import ar_attention, mose_lora
+
+from .cases import make_ar_inputs, make_mose_inputs
+
+
+def _mose(**override):
+    args = make_mose_inputs(8, 6, 5, n_modalities=3, n_experts=4, rank=4, top_k=2)
+    args.update(override)
+    return lambda: mose_lora(args["x"], args["modality"], args["expert"], args["gate"], args["A"], args["B"],
+                             args["scale"], args["out"], **{k: v for k, v in args.items() if k in
+                                                            ("inplace", "backend")})
+
+
+MOSE_BAD = [
+    ("x", dict(x=torch.randn(8, 6, 1)), ValueError),
+    ("x", dict(x=[[1.0]]), TypeError),
+    ("x", dict(x=torch.randint(0, 3, (8, 6))), ValueError),
+    ("A", dict(A=torch.randn(3, 4, 7)), ValueError),
+    ("A", dict(A=torch.randn(9, 4, 6)), ValueError),
+    ("B", dict(B=torch.randn(3, 4, 5, 3)), ValueError),
+    ("B", dict(B=torch.randn(2, 4, 5, 4)), ValueError),
+    ("A", dict(A=torch.randn(3, 4, 6, dtype=torch.float64)), ValueError),
+    ("B", dict(B=torch.randn(3, 4, 5, 4).half()), ValueError),
+    ("out", dict(out=torch.randn(8, 5).half()), ValueError),
+    ("out", dict(out=torch.randn(8, 4)), ValueError),
+    ("modality", dict(modality=torch.zeros(7, dtype=torch.long)), ValueError),
+    ("modality", dict(modality=torch.zeros(8)), ValueError),
+    ("modality", dict(modality=torch.full((8,), 3)), ValueError),
+    ("modality", dict(modality=torch.full((8,), -2)), ValueError),
+    ("expert", dict(expert=torch.full((8, 2), 4)), ValueError),
+    ("expert", dict(expert=torch.zeros(8, 3, dtype=torch.long), gate=torch.rand(8, 3)), ValueError),
+    ("expert", dict(expert=torch.zeros(8, 2)), ValueError),
+    ("gate", dict(gate=torch.rand(8, 1)), ValueError),
+    ("gate", dict(gate=torch.ones(8, 2, dtype=torch.long)), ValueError),
+    ("scale", dict(scale=torch.rand(2)), ValueError),
+    ("scale", dict(scale=float("nan")), ValueError),
+    ("scale", dict(scale="1"), TypeError),
+    ("inplace", dict(inplace=True, out=None), ValueError),
+    ("inplace", dict(inplace=True, out=torch.randn(8, 5, requires_grad=True)), ValueError),
+    ("backend", dict(backend="cuda"), ValueError),
+]
+
+
+@pytest.mark.parametrize("name,override,error", MOSE_BAD, ids=[f"{c[0]}-{i}" for i, c in enumerate(MOSE_BAD)])
+def test_mose_bad_input(name, override, error):
+    with pytest.raises(error, match=name):
+        _mose(**override)()
+
+
+def test_mose_ids_of_unadapted_tokens_are_not_checked():
+    args = make_mose_inputs(8, 6, 5, top_k=1, pad_fraction=0.0)
+    args["modality"][:3] = -1
+    args["expert"][:3] = 99  # ignored: those rows take no adapter
+    y = mose_lora(*(args[n] for n in ("x", "modality", "expert", "gate", "A", "B", "scale", "out")))
+    assert torch.equal(y[:3], args["out"][:3])
+
+
+def _ar(**override):
+    args = make_ar_inputs(2, 4, 2, 5, 7, 8)
+    args.update(num_modalities=3)
+    args.update(override)
+    tensors = [args.pop(n) for n in ("q", "k", "v", "key_modality")]
+    return lambda: ar_attention(*tensors, **args)
+
+
+AR_BAD = [
+    ("q", dict(q=torch.randn(2, 4, 5)), ValueError),
+    ("q", dict(q=torch.randn(2, 3, 5, 8)), ValueError),  # Hq % Hkv != 0
+    ("q", dict(q=None), TypeError),
+    ("k", dict(k=torch.randn(2, 2, 7, 4)), ValueError),
+    ("k", dict(k=torch.randn(2, 2, 7, 8).half()), ValueError),
+    ("v", dict(v=torch.randn(2, 2, 6, 8)), ValueError),
+    ("key_modality", dict(key_modality=torch.zeros(2, 6, dtype=torch.long)), ValueError),
+    ("key_modality", dict(key_modality=torch.zeros(2, 7)), ValueError),
+    ("key_modality", dict(key_modality=torch.full((2, 7), 3)), ValueError),
+    ("num_modalities", dict(num_modalities=0), ValueError),
+    ("num_modalities", dict(num_modalities=2.0), TypeError),
+    ("balance", dict(balance=(1, 1)), ValueError),
+    ("balance", dict(balance=(1, 3)), ValueError),
+    ("balance", dict(balance="12"), TypeError),
+    ("target", dict(target=(1.0,)), ValueError),
+    ("target", dict(target=(1.0, -1.0)), ValueError),
+    ("strength", dict(strength=1.5), ValueError),
+    ("strength", dict(strength=-0.1), ValueError),
+    ("strength", dict(strength="0.5"), TypeError),
+    ("threshold", dict(threshold=-1.0), ValueError),
+    ("modality_bias", dict(modality_bias=(0.0, 1.0)), ValueError),
+    ("modality_bias", dict(modality_bias=(0.0, float("inf"), 0.0)), ValueError),
+    ("query_mask", dict(query_mask=torch.ones(2, 4, dtype=torch.bool)), ValueError),
+    ("query_mask", dict(query_mask=torch.ones(2, 5)), ValueError),
+    ("causal", dict(causal=1), TypeError),
+    ("scale", dict(scale=float("nan")), ValueError),
+    ("return_masses", dict(return_masses="yes"), TypeError),
+    ("backend", dict(backend="flash"), ValueError),
+]
+
+
+@pytest.mark.parametrize("name,override,error", AR_BAD, ids=[f"{c[0]}-{i}" for i, c in enumerate(AR_BAD)])
+def test_ar_bad_input(name, override, error):
+    with pytest.raises(error, match=name):
+        _ar(**override)()
+
+
+def test_dtype_errors_are_value_errors_that_type_handlers_also_catch():
+    with pytest.raises(ValueError):
+        _ar(k=torch.randn(2, 2, 7, 8).half())()
+    with pytest.raises(TypeError):
+        _ar(k=torch.randn(2, 2, 7, 8).half())()
+
+
+def test_no_partial_write_on_bad_input():
+    args = make_mose_inputs(8, 6, 5, top_k=1)
+    before = args["out"].clone()
+    args["modality"][0] = 7
+    with pytest.raises(ValueError, match="modality"):
+        mose_lora(*(args[n] for n in ("x", "modality", "expert", "gate", "A", "B", "scale", "out")), inplace=True)
+    assert torch.equal(args["out"], before)
