@@ -1,0 +1,52 @@
+"""Where a benchmark ran: device, library versions and commit, written beside every number."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+import tempfile
+
+import torch
+
+
+def _commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=os.path.dirname(__file__))
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=5, cwd=os.path.dirname(__file__)).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def describe(device: torch.device) -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    return dict(device=name, device_type=device.type, torch=torch.__version__, triton=triton_version,
+                cuda=torch.version.cuda, python=platform.python_version(), commit=_commit(),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+
+
+def write_json_atomic(path: str, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file in the same folder, then a rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,50 @@
+"""Timing and memory measurement: CUDA events on GPU, a wall clock on CPU; medians of many runs."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn, device: torch.device, *, warmup: int = 3, min_runs: int = 5, max_runs: int = 100,
+            min_seconds: float = 0.5) -> dict:
+    """Runs ``fn`` after ``warmup`` calls until ``min_runs`` and ``min_seconds`` are both reached.
+
+    Returns the median and the 20th/80th percentiles in milliseconds, the number of timed runs and,
+    on CUDA, the peak memory allocated during one run beyond what was allocated before it.
+    """
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times_ms = []
+    started = time.perf_counter()
+    while len(times_ms) < max_runs and (len(times_ms) < min_runs or time.perf_counter() - started < min_seconds):
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times_ms.append(begin.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times_ms.append((time.perf_counter() - t0) * 1e3)
+    quantiles = statistics.quantiles(times_ms, n=5) if len(times_ms) > 1 else [times_ms[0]] * 4
+    result = dict(median_ms=statistics.median(times_ms), p20_ms=quantiles[0], p80_ms=quantiles[3],
+                  runs=len(times_ms), peak_memory_bytes=None)
+    if device.type == "cuda":
+        _sync(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        _sync(device)
+        result["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device) - base
+    return result

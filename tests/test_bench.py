@@ -1,0 +1,57 @@
+"""The benchmark harness: the runner writes JSON with ratios; CPU providers timed by pytest-benchmark.
+
+pytest-benchmark runs each benchmark once in the normal suite (--benchmark-disable in pytest's
+addopts); `pytest tests/test_bench.py --benchmark-enable` times them.
+"""
+
+import json
+
+import pytest
+import torch
+
+from bench import presets
+from bench.__main__ import main as bench_main
+from bench.registry import providers
+
+CPU = torch.device("cpu")
+TINY_MOSE = dict(n_tokens=64, d_in=32, d_out=48, rank=8, n_modalities=3, n_experts=4, top_k=1,
+                 dtype=torch.float32, device=CPU)
+TINY_AR = dict(batch=1, n_q_heads=4, n_kv_heads=2, len_q=64, len_k=64, head_dim=16, dtype=torch.float32,
+               device=CPU)
+
+
+def _runnable(op):
+    return [n for n, p in providers(op).items() if p.unavailable(dict(TINY_MOSE if op == "mose" else TINY_AR,
+                                                                     mode="fwd")) is None]
+
+
+@pytest.mark.parametrize("mode", ["fwd", "update", "fwd_bwd"])
+@pytest.mark.parametrize("name", _runnable("mose"))
+def test_mose_provider(benchmark, name, mode):
+    benchmark(providers("mose")[name].setup(dict(TINY_MOSE, mode=mode)))
+
+
+@pytest.mark.parametrize("name", _runnable("ar"))
+def test_ar_provider(benchmark, name):
+    benchmark(providers("ar")[name].setup(dict(TINY_AR, mode="fwd")))
+
+
+def test_runner_writes_json_with_ratios(tmp_path, monkeypatch):
+    monkeypatch.setitem(presets.PRESETS["mose"], "tiny", lambda: [
+        {k: v for k, v in TINY_MOSE.items() if k != "device"}])
+    out = tmp_path / "r.json"
+    assert bench_main(["--op", "mose", "--preset", "tiny", "--device", "cpu", "--min-seconds", "0",
+                       "--max-runs", "2", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["floor"] == "linear" and result["environment"]["device_type"] == "cpu"
+    assert result["environment"]["torch"] == torch.__version__
+    timings = result["results"][0]["providers"]
+    assert timings["linear"]["ratio_to_floor"] == 1.0
+    assert timings["mosear_torch"]["median_ms"] > 0 and timings["mosear_torch"]["tflops"] > 0
+
+
+def test_runner_rejects_unknown_names(capsys):
+    assert bench_main(["--op", "ar", "--preset", "nope", "--device", "cpu"]) == 2
+    assert "preset" in capsys.readouterr().err
+    assert bench_main(["--op", "ar", "--providers", "flash9", "--device", "cpu"]) == 2
+    assert "providers" in capsys.readouterr().err
