@@ -15,7 +15,7 @@ import sys
 import torch
 
 from . import presets
-from .environment import describe, write_json_atomic
+from .environment import describe, write_text_atomic
 from .registry import FLOORS, providers
 from .timing import measure
 
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
         return 2
     out = args.out or os.path.join(os.path.dirname(__file__), "results",
                                    f"{args.op}-{args.preset}-{args.mode}-{device.type}.json")
-    write_json_atomic(out, json.dumps(result, indent=2) + "\n")
+    write_text_atomic(out, json.dumps(result, indent=2) + "\n")
     print(f"wrote {out} ({result['environment']['device']}, torch {result['environment']['torch']})")
     return 0
 

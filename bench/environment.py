@@ -37,7 +37,7 @@ def describe(device: torch.device) -> dict:
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
 
-def write_json_atomic(path: str, text: str) -> None:
+def write_text_atomic(path: str, text: str) -> None:
     """Writes ``text`` to ``path`` through a temporary file in the same folder, then a rename."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
