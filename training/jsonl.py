@@ -1,0 +1,49 @@
+"""JSON Lines reading and writing with line numbers in every error."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from .atomic import atomic_write_text
+
+
+class JsonlError(ValueError):
+    """A JSONL file that cannot be read: missing, not UTF-8, or a line that is not valid JSON."""
+
+
+def read_jsonl(path: str | os.PathLike) -> list[tuple[int, object]]:
+    """Return ``(line_number, value)`` for every non-blank line of ``path`` (numbers start at 1).
+
+    Values are whatever JSON the line holds; callers check that rows are objects, so one bad row
+    can be reported rather than abort the whole file. Raises :class:`JsonlError` with a one-line
+    message naming the file (and the line) when the file cannot be read at all.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise JsonlError(f"{p}: no such file") from None
+    except IsADirectoryError:
+        raise JsonlError(f"{p}: is a directory, expected a .jsonl file") from None
+    except UnicodeDecodeError as e:
+        raise JsonlError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise JsonlError(f"{p}: cannot read ({e.strerror or e})") from None
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((number, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise JsonlError(f"{p}: line {number}: not valid JSON ({e.msg} at column {e.colno})") from None
+    return rows
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[object]) -> None:
+    """Write one JSON value per line to ``path`` atomically (UTF-8, non-ASCII kept as is)."""
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    atomic_write_text(path, text)
