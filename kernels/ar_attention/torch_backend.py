@@ -1,6 +1,7 @@
 """PyTorch backend of AR attention: a real CPU path, exact, with bounded memory.
 
-Queries are processed in chunks, so the largest temporary is (B, Hq, chunk, Lk), never (Lq, Lk).
+Queries are processed in chunks, so the largest temporary is (B, Hq, chunk, Lk), never (Lq, Lk);
+with gradients, each chunk is checkpointed (recomputed in backward), so training keeps that bound.
 Within a chunk, each modality keeps its own max: ``p_j = exp(s_j - max_{mu(j)})`` and
 ``l_m = sum_{mu(j) = m} p_j``. From these come the masses ``P_m`` (pre-reallocation), the
 reallocated masses ``P'_m`` and the output in a single ``P @ V``:
@@ -17,7 +18,10 @@ masking, a chunk only reads the keys its last query can see.
 
 from __future__ import annotations
 
+import functools
+
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from ..alloc import empty_output
 
@@ -93,13 +97,17 @@ def ar_attention_torch(
             o_c = torch.zeros(batch, n_kv_heads, group, n_rows, head_dim, dtype=f32, device=device)
             m_c = torch.zeros(batch, n_kv_heads, group, n_rows, n_mod, dtype=f32, device=device)
         else:
-            o_c, m_c = _attend_chunk(
-                q_grouped[:, :, :, start:stop], k32[:, :, :k_stop], v32[:, :, :k_stop],
-                key_class[:, :k_stop], key_valid[:, :k_stop], bias,
-                first_query_pos=len_k - len_q + start, causal=causal, scale=scale, n_mod=n_mod,
+            attend = functools.partial(
+                _attend_chunk, first_query_pos=len_k - len_q + start, causal=causal, scale=scale, n_mod=n_mod,
                 in_balance=in_balance, tau=tau, strength=strength, threshold=threshold,
                 selected=None if query_mask is None else query_mask[:, None, None, start:stop],
             )
+            chunk_args = (q_grouped[:, :, :, start:stop], k32[:, :, :k_stop], v32[:, :, :k_stop],
+                          key_class[:, :k_stop], key_valid[:, :k_stop], bias)
+            if needs_grad:  # recompute the chunk in backward: memory stays O(chunk * Lk) for training too
+                o_c, m_c = checkpoint(attend, *chunk_args, use_reentrant=False)
+            else:
+                o_c, m_c = attend(*chunk_args)
         if needs_grad:
             o_chunks.append(o_c)
             mass_chunks.append(m_c)
