@@ -25,7 +25,7 @@ _IMPLEMENTATIONS: dict[str, dict[str, str | None]] = {
     },
     "ar_attention": {
         "torch": "mosear_fast.kernels.ar_attention.torch_backend:ar_attention_torch",
-        "triton": None,
+        "triton": "mosear_fast.kernels.ar_attention.function:ar_attention_triton",
     },
 }
 

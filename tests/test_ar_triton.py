@@ -1,0 +1,267 @@
+"""Triton backend of ar_attention: block boundaries, split-k, slots, edge cases.
+
+On the CPU these run through the Triton interpreter (small shapes, small blocks so that tails and
+modality boundaries fall inside key blocks); with CUDA the same tests run compiled. Every check is
+against the float64 reference with the tolerance table (relative Frobenius error per dtype).
+"""
+
+import pytest
+import torch
+from mosear_fast.kernels.ar_attention import ar_attention_reference
+from mosear_fast.kernels.ar_attention.function import ar_attention_triton
+from mosear_fast.kernels.ar_attention.launch import launch_plan
+
+from mosear_fast import ar_attention
+from mosear_fast.tolerances import assert_close
+
+from .cases import av_layout, make_ar_inputs
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SMALL = dict(block_m=16, block_n=16)  # the smallest blocks tl.dot allows: many blocks on tiny shapes
+
+
+def _run(inputs, **kw):
+    kw.setdefault("num_modalities", 3)
+    return ar_attention(inputs["q"], inputs["k"], inputs["v"], inputs["key_modality"], backend="triton",
+                        return_masses=True, **kw)
+
+
+def _reference(inputs, **kw):
+    kw = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()
+          if k not in ("block_m", "block_n", "num_splits")}
+    kw.setdefault("num_modalities", 3)
+    return ar_attention_reference(*(inputs[n].cpu() for n in ("q", "k", "v", "key_modality")), **kw)
+
+
+def _check(inputs, dtype, **kw):
+    o, masses = _run(inputs, **kw)
+    ref_o, ref_m = _reference(inputs, **kw)
+    assert o.dtype == inputs["q"].dtype and o.shape == ref_o.shape
+    assert masses.dtype == torch.float32 and masses.shape == ref_m.shape
+    assert_close(o, ref_o, dtype, what="output")
+    assert_close(masses, ref_m, dtype, what="masses")
+    return o, masses
+
+
+def _segments(spec, device):
+    """(1, L) modality ids from [(modality, count), ...]."""
+    ids = torch.cat([torch.full((n,), m, dtype=torch.long) for m, n in spec])
+    return ids[None].to(device)
+
+
+# --------------------------------------------------------------------------------------------
+# tiling: tails, boundaries inside key blocks, blocks of one modality
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["random", "av"])
+def test_odd_lengths_and_boundaries_inside_blocks(dtype, layout, device):
+    # 37 keys: 3 key blocks of 16 with a tail; the av layout puts boundaries at 4, 22 and 26.
+    inputs = make_ar_inputs(1, 2, 2, 37, 37, 16, dtype=dtype, device=device, layout=layout, seed=1)
+    _check(inputs, dtype, strength=0.6, **SMALL)
+
+
+def test_blocks_of_one_modality(device):
+    """Segments aligned to the 16-key blocks (each block updates one slot only) and misaligned."""
+    for spec in ([(0, 16), (1, 32), (2, 16), (0, 16)], [(0, 5), (1, 30), (2, 17), (1, 3), (0, 9)]):
+        ids = _segments(spec, device)
+        inputs = make_ar_inputs(1, 2, 1, ids.shape[1], ids.shape[1], 16, device=device, seed=2)
+        inputs["key_modality"] = ids
+        _check(inputs, torch.float32, strength=0.7, **SMALL)
+        _check(inputs, torch.float32, strength=0.7, causal=False, **SMALL)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_gqa_and_default_blocks(causal, device):
+    inputs = make_ar_inputs(2, 6, 2, 19, 19, 16, device=device, layout="random", seed=3)
+    _check(inputs, torch.float32, strength=0.5, causal=causal)
+    inputs = make_ar_inputs(1, 4, 1, 21, 21, 16, device=device, layout="av", seed=4)
+    _check(inputs, torch.float32, strength=0.5, causal=causal, **SMALL)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 80, 5])
+def test_head_dims(dtype, head_dim, device):
+    inputs = make_ar_inputs(1, 2, 1, 9, 20, head_dim, dtype=dtype, device=device, layout="av", seed=5)
+    _check(inputs, dtype, strength=0.6, block_n=16)
+
+
+# --------------------------------------------------------------------------------------------
+# split-k (flash-decoding) against the single pass
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_split_matches_single_pass(dtype, device):
+    inputs = make_ar_inputs(2, 4, 2, 1, 70, 16, dtype=dtype, device=device, layout="av", left_pad=3, seed=6)
+    plan = launch_plan(1, 70, 16, batch=2, n_q_heads=4, n_slots=3, device=device, block_n=16, num_splits=3)
+    assert plan["num_splits"] == 3 and plan["block_m"] == 16
+    kw = dict(strength=0.6, modality_bias=(0.2, -0.4, 0.3), block_n=16)
+    o1, m1 = _check(inputs, dtype, num_splits=1, **kw)
+    o3, m3 = _check(inputs, dtype, num_splits=3, **kw)
+    o5, m5 = _check(inputs, dtype, num_splits=5, **kw)
+    assert_close(o3, o1.double(), dtype)
+    assert_close(m5, m1.double(), torch.float32)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_split_with_query_blocks_and_masks(causal, device):
+    """Prefill with split-k: with causal masking some splits see nothing for the early queries."""
+    inputs = make_ar_inputs(1, 2, 1, 20, 45, 16, device=device, layout="random", seed=7)
+    query_mask = torch.rand(1, 20, generator=torch.Generator().manual_seed(1)) < 0.5
+    _check(inputs, torch.float32, strength=0.8, causal=causal, query_mask=query_mask.to(device),
+           num_splits=3, **SMALL)
+
+
+def test_split_lq_greater_than_lk(device):
+    inputs = make_ar_inputs(1, 2, 2, 20, 18, 16, device=device, layout="random", seed=8)
+    o, masses = _check(inputs, torch.float32, strength=0.5, num_splits=2, **SMALL)
+    assert torch.equal(o[:, :, :2].cpu(), torch.zeros(1, 2, 2, 16))
+    assert torch.equal(masses[:, :, :2].cpu(), torch.zeros(1, 2, 2, 3))
+
+
+# --------------------------------------------------------------------------------------------
+# semantics: padding, masks, bias, masses, underflow, slots
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lq_greater_than_lk_and_left_padding(dtype, device):
+    inputs = make_ar_inputs(2, 2, 1, 23, 19, 16, dtype=dtype, device=device, layout="av", left_pad=17, seed=9)
+    o, masses = _check(inputs, dtype, strength=0.5, **SMALL)
+    # Lq - Lk = 4 queries see no key; the next 17 see only padding (a whole key block is skipped)
+    assert torch.equal(o[:, :, :21].float().cpu(), torch.zeros(2, 2, 21, 16))
+    assert torch.equal(masses[:, :, :21].cpu(), torch.zeros(2, 2, 21, 3))
+
+
+def test_query_mask_and_non_causal(device):
+    inputs = make_ar_inputs(2, 2, 2, 17, 17, 16, device=device, layout="random", seed=10)
+    query_mask = torch.rand(2, 17, generator=torch.Generator().manual_seed(3)) < 0.5
+    o, _ = _check(inputs, torch.float32, strength=0.9, query_mask=query_mask.to(device), causal=False,
+                  **SMALL)
+    plain, _ = _check(inputs, torch.float32, strength=0.0, causal=False, **SMALL)
+    unselected = ~query_mask[:, None, :].expand(-1, 2, -1)
+    assert_close(o.cpu()[unselected], plain.cpu()[unselected].double(), torch.float32)
+    assert (o.cpu()[~unselected] - plain.cpu()[~unselected]).abs().max() > 1e-3
+
+
+def test_modality_bias_with_a_mixed_rest_slot(device):
+    """Rest slot {0, 3} with different biases, balance slots with their own."""
+    inputs = make_ar_inputs(1, 2, 1, 33, 33, 16, n_modalities=4, device=device, layout="random", seed=11)
+    for num_splits in (1, 2):
+        _check(inputs, torch.float32, num_modalities=4, balance=(2, 1), target=(3.0, 1.0), strength=0.7,
+               modality_bias=(0.4, -1.0, 0.6, -0.3), num_splits=num_splits, **SMALL)
+
+
+def test_masses_sum_to_one_per_visible_query(device):
+    inputs = make_ar_inputs(2, 2, 2, 30, 30, 16, device=device, layout="random", seed=12)
+    _, masses = _check(inputs, torch.float32, strength=0.5, **SMALL)
+    mod = inputs["key_modality"].cpu()
+    visible = (mod >= 0)[:, None, :] & (torch.arange(30)[None, None, :] <= torch.arange(30)[None, :, None])
+    has_key = visible.any(-1)[:, None, :].expand(-1, 2, -1)  # [B, H, Lq]
+    total = masses.sum(-1).cpu()
+    assert torch.allclose(total[has_key], torch.ones(()), atol=1e-5)
+    assert torch.equal(total[~has_key], torch.zeros_like(total[~has_key]))
+
+
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_underflowing_balance_modality_gets_its_mass(num_splits, device):
+    """Audio scores ~1e4 below the rest (exact integers): its mass is 0 in float32 and float64, and
+    reallocation still gives it strength * tau of the balance mass, spread by its own softmax."""
+    g = torch.Generator().manual_seed(13)
+    ids = _segments([(0, 6), (1, 14), (2, 9), (0, 5)], device)
+    q = torch.randint(-1, 2, (1, 2, 34, 16), generator=g).float()
+    k = torch.randint(-1, 2, (1, 2, 34, 16), generator=g).float()
+    q[..., 0], k[..., 0] = 100.0, 0.0
+    k[0, :, (ids[0] == 2).cpu(), 0] = -100.0  # audio scores ~ -1e4 + O(50)
+    inputs = dict(q=q.to(device), k=k.to(device), v=torch.randn(1, 2, 34, 16, generator=g).to(device),
+                  key_modality=ids)
+    o, masses = _check(inputs, torch.float32, scale=1.0, strength=0.5, num_splits=num_splits, **SMALL)
+    plain, _ = _run(inputs, scale=1.0, strength=0.0, num_splits=num_splits, **SMALL)
+    sees_audio = torch.arange(34) >= 20
+    assert (masses[0, :, sees_audio, 2] == 0).all()
+    receives = sees_audio & (masses[0, :, :, 1].cpu() > 0.05)  # P_S large enough to move visibly
+    assert receives.sum() > 10
+    assert ((o - plain).abs().amax(-1)[0].cpu()[receives] > 1e-3).all()
+
+
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_many_balance_slots(num_splits, device):
+    """Up to 8 balance slots, with and without a rest slot."""
+    inputs = make_ar_inputs(1, 2, 1, 24, 40, 16, n_modalities=8, device=device, layout="random", seed=14)
+    _check(inputs, torch.float32, num_modalities=8, balance=(7, 0, 3, 5, 1), strength=0.6,
+           num_splits=num_splits, **SMALL)
+    _check(inputs, torch.float32, num_modalities=8, balance=(4, 5, 6, 7, 0, 1, 2, 3), strength=0.6,
+           target=(1.0, 2.0, 3.0, 4.0, 1.0, 2.0, 3.0, 4.0), modality_bias=(0.1,) * 4 + (-0.2,) * 4,
+           num_splits=num_splits, **SMALL)
+
+
+def test_empty_balance_is_plain_attention(device):
+    inputs = make_ar_inputs(1, 2, 2, 18, 18, 16, device=device, layout="av", seed=15)
+    o, _ = _check(inputs, torch.float32, balance=(), strength=1.0, **SMALL)
+    plain, _ = _check(inputs, torch.float32, strength=0.0, **SMALL)
+    assert_close(o, plain.double(), torch.float32)
+
+
+def test_out_of_range_ids_are_padding(device):
+    """Unvalidated ids (validate=False on CUDA) outside [-1, M) are skipped, never read through."""
+    inputs = make_ar_inputs(1, 2, 2, 20, 20, 16, device=device, layout="random", seed=16)
+    bad = inputs["key_modality"].clone()
+    bad[0, 3], bad[0, 11], bad[0, 17] = 3, 99, -7
+    kw = dict(num_modalities=3, balance=(1, 2), target=None, strength=0.5, threshold=0.0, modality_bias=None,
+              causal=True, scale=0.25, query_mask=None, return_masses=True)
+    o, masses = ar_attention_triton(inputs["q"], inputs["k"], inputs["v"], bad, block_n=16, **kw)
+    kw.pop("return_masses")
+    ref_o, ref_m = ar_attention_reference(*(inputs[n].cpu() for n in "qkv"),
+                                          torch.where((bad >= 0) & (bad < 3), bad, -1).cpu(), **kw)
+    assert_close(o, ref_o, torch.float32)
+    assert_close(masses, ref_m, torch.float32)
+
+
+def test_non_contiguous_inputs(device):
+    """q from a (B, L, H, D) projection, k/v strided views, key_modality a column slice."""
+    g = torch.Generator().manual_seed(17)
+    q = torch.randn(1, 19, 4, 16, generator=g).to(device).transpose(1, 2)
+    kv = torch.randn(1, 2, 19, 2, 16, generator=g).to(device)
+    mod = torch.stack([av_layout(19), av_layout(19)], dim=1)[None].to(device)  # [1, 19, 2]
+    inputs = dict(q=q, k=kv[..., 0, :], v=kv[..., 1, :], key_modality=mod[..., 0])
+    assert not inputs["q"].is_contiguous() and inputs["k"].stride(-1) == 1 and not inputs["k"].is_contiguous()
+    _check(inputs, torch.float32, strength=0.5, **SMALL)
+    inputs["q"] = inputs["q"][..., ::2]  # last-dim stride 2: copied by the launcher
+    inputs["k"], inputs["v"] = inputs["k"][..., ::2], inputs["v"][..., ::2]
+    _check(inputs, torch.float32, strength=0.5, **SMALL)
+
+
+def test_empty_keys(device):
+    inputs = make_ar_inputs(1, 2, 2, 3, 0, 16, device=device)
+    o, masses = _run(inputs)
+    assert torch.equal(o.cpu(), torch.zeros(1, 2, 3, 16))
+    assert torch.equal(masses.cpu(), torch.zeros(1, 2, 3, 3))
+
+
+# --------------------------------------------------------------------------------------------
+# gradients: routed to the PyTorch backend's autograd
+# --------------------------------------------------------------------------------------------
+
+
+def test_gradients_route_to_torch_backend_and_match_reference(device):
+    inputs = make_ar_inputs(1, 4, 2, 9, 9, 16, device=device, layout="av", seed=18)
+    kw = dict(num_modalities=3, strength=0.7, modality_bias=(0.2, -0.3, 0.1))
+    leaves = {n: inputs[n].detach().clone().requires_grad_(n != "k") for n in "qkv"}
+    o = ar_attention(leaves["q"], leaves["k"], leaves["v"], inputs["key_modality"], backend="triton",
+                     block_n=16, **kw)
+    assert o.requires_grad
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).to(o)
+    o.backward(do)
+    ref = {n: inputs[n].detach().cpu().double().requires_grad_(True) for n in "qkv"}
+    ref_o, _ = ar_attention_reference(ref["q"], ref["k"], ref["v"], inputs["key_modality"].cpu(), **kw)
+    ref_o.backward(do.double().cpu())
+    assert_close(o, ref_o, torch.float32)
+    for n in "qv":
+        assert_close(leaves[n].grad, ref[n].grad, torch.float32, what=f"grad {n}")
+    with torch.no_grad():  # no autograd recording: the Triton kernels run, same values
+        o_fast = ar_attention(leaves["q"], leaves["k"], leaves["v"], inputs["key_modality"], backend="triton",
+                              block_n=16, **kw)
+    assert not o_fast.requires_grad
+    assert_close(o_fast, ref_o, torch.float32)
