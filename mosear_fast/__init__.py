@@ -2,9 +2,42 @@
 
 Functional ops: :func:`mose_lora` (MoSE dispatch) and :func:`ar_attention` (attention
 reallocation), each with ``backend="auto" | "torch" | "triton"``.
+
+Drop-in modules (imported on first use, so ``import mosear_fast`` needs neither transformers nor
+peft): ``MoSEConfig``, ``ARConfig``, ``apply_mosear``, ``aux_loss``, ``attention_shares``,
+``MoSELinear``, ``modality_ids_from_spans``, ``modality_ids_from_token_ids``.
 """
+
+import importlib
 
 from .ops import ar_attention, mose_lora
 
 __version__ = "0.1.0"
-__all__ = ["ar_attention", "mose_lora", "__version__"]
+
+# public name -> module (relative to this package) that defines it
+_LAZY = {
+    "MoSEConfig": "mose_config",
+    "ARConfig": "ar_config",
+    "apply_mosear": "apply",
+    "aux_loss": "apply",
+    "attention_shares": "apply",
+    "MoSELinear": "mose_linear",
+    "MoSEAdapter": "mose_linear",
+    "modality_ids_from_spans": "modality",
+    "modality_ids_from_token_ids": "modality",
+    "DEFAULT_MODALITIES": "modality",
+}
+
+__all__ = ["ar_attention", "mose_lora", "__version__", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

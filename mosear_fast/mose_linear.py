@@ -1,0 +1,279 @@
+"""MoSELinear: a frozen ``nn.Linear`` plus modality-specific LoRA experts (DESIGN 2.1).
+
+``MoSEAdapter`` holds one adapter's tensors for the adapted modalities ("slots"):
+``A (Ma, r, d_in)``, ``B (Ma, E, d_out, r)``, routers ``(Ma, E, d_in)`` + bias ``(Ma, E)``, and the
+dynamic-weight state as buffers (saved with the adapter): the EMA of the update norm per modality
+and the weights ``w_m`` derived from it. ``MoSELinear`` wraps the base layer and keeps its adapters
+in a ``ModuleDict`` keyed by adapter name (the layout PEFT expects; one adapter is active).
+
+Per forward, routing is a few batched tensor ops (no Python loop over modalities or experts) and
+the update is one ``mose_lora`` call. Pure PyTorch: no transformers or peft import here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ops import mose_lora
+
+
+class MoSEAdapter(nn.Module):
+    """One MoSE adapter of a ``d_in -> d_out`` linear layer.
+
+    ``adapted``: ascending ids of the modalities with an adapter (slot i serves modality adapted[i]);
+    ``balance``: modality ids whose dynamic weights are balanced; ``scale``: s = alpha / r (or / sqrt r).
+    """
+
+    def __init__(self, d_in: int, d_out: int, *, num_modalities: int, adapted, r: int, scale: float,
+                 num_experts: int, top_k: int, routing: str = "token", dropout: float = 0.0,
+                 dynamic_weights: bool = True, balance=(), beta: float = 0.9, gamma: float = 1.0,
+                 weight_clip=(0.5, 2.0), load_balance_coef: float = 0.0, z_loss_coef: float = 0.0,
+                 router_init_std: float = 0.02, init_weights: bool = True, dtype=None, device=None):
+        super().__init__()
+        adapted = tuple(sorted(int(m) for m in adapted))
+        if not adapted or adapted[0] < 0 or adapted[-1] >= num_modalities:
+            raise ValueError(f"adapted: expected modality ids in [0, {num_modalities}), got {adapted!r}")
+        if top_k not in (1, 2) or top_k > num_experts:
+            raise ValueError(f"top_k: expected 1 or 2 and <= num_experts={num_experts}, got {top_k!r}")
+        if routing not in ("token", "sequence"):
+            raise ValueError(f"routing: expected 'token' or 'sequence', got {routing!r}")
+        self.d_in, self.d_out = d_in, d_out
+        self.num_modalities, self.adapted = num_modalities, adapted
+        self.num_experts, self.top_k = num_experts, top_k
+        self.rank, self.scale, self.routing = r, float(scale), routing
+        self.dynamic_weights, self.balance = dynamic_weights, tuple(int(m) for m in balance)
+        self.beta, self.gamma, self.weight_clip = float(beta), float(gamma), (float(weight_clip[0]),
+                                                                               float(weight_clip[1]))
+        self.load_balance_coef, self.z_loss_coef = float(load_balance_coef), float(z_loss_coef)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        n_slots = len(adapted)
+        to = dict(dtype=dtype, device=device)
+        self.A = nn.Parameter(torch.empty(n_slots, r, d_in, **to))
+        self.B = nn.Parameter(torch.empty(n_slots, num_experts, d_out, r, **to))
+        self.router_weight = nn.Parameter(torch.empty(n_slots, num_experts, d_in, **to))
+        self.router_bias = nn.Parameter(torch.zeros(n_slots, num_experts, **to))
+        slot_of_modality = torch.full((num_modalities,), -1, dtype=torch.long, device=device)
+        slot_of_modality[list(adapted)] = torch.arange(n_slots, device=device)
+        # Derived from the config, so not saved; the dynamic-weight state is saved with the adapter.
+        self.register_buffer("slot_of_modality", slot_of_modality, persistent=False)
+        self.register_buffer("adapted_ids", torch.tensor(adapted, device=device), persistent=False)
+        f32 = dict(dtype=torch.float32, device=device)
+        self.register_buffer("update_norm_ema", torch.zeros(num_modalities, **f32))
+        self.register_buffer("modality_weight", torch.ones(num_modalities, **f32))
+        self.router_init_std = router_init_std
+        self.reset_parameters(init_weights)
+        self.last_regularizers: dict[str, torch.Tensor] | None = None
+        self._measured_forward: int | None = None  # the model forward whose update norms were measured
+        self._measured_scale: torch.Tensor | None = None  # and the s * w_m it used
+
+    @torch.no_grad()
+    def reset_parameters(self, init_weights: bool = True):
+        """LoRA init: A Kaiming-uniform, B zero (the wrapped layer computes exactly the base at step 0);
+        ``init_weights=False`` draws B at random too. Routers: small Gaussian, zero bias."""
+        for a in self.A:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        if init_weights:
+            self.B.zero_()
+        else:
+            nn.init.normal_(self.B, std=self.rank ** -0.5)
+        nn.init.normal_(self.router_weight, std=self.router_init_std)
+        self.router_bias.zero_()
+        self.update_norm_ema.zero_()
+        self.modality_weight.fill_(1.0)
+
+    def extra_repr(self) -> str:
+        return (f"d_in={self.d_in}, d_out={self.d_out}, adapted={self.adapted}, r={self.rank}, "
+                f"experts={self.num_experts}, top_k={self.top_k}, routing={self.routing!r}")
+
+    # ---------------------------------------------------------------------------------------------
+
+    def scale_vector(self) -> torch.Tensor:
+        """(Ma,) float32: ``s * w_m`` per slot."""
+        return self.scale * self.modality_weight[self.adapted_ids]
+
+    def forward(self, x: torch.Tensor, base: torch.Tensor, modality: torch.Tensor,
+                sample: torch.Tensor | None = None, n_samples: int = 1, forward_id: int | None = None):
+        """``base + update`` for x (N, d_in), base (N, d_out), modality (N,) ids in [-1, M).
+
+        ``sample`` (N,) gives each token's sample index in [0, n_samples) (sequence routing).
+        ``forward_id`` identifies the model forward: a rerun with the same id (gradient
+        checkpointing) does not update the dynamic weights again.
+        """
+        slot = torch.where(modality >= 0, self.slot_of_modality[modality.clamp_min(0)], -1)  # [N]
+        logits, unit_logits, unit_slot = self._router_logits(x, slot, sample, n_samples)
+        probs = torch.softmax(logits.float(), dim=-1)  # [N, E]
+        top_p, expert = probs.topk(self.top_k, dim=-1)  # [N, k]
+        gate = top_p if self.top_k == 1 else top_p / top_p.sum(-1, keepdim=True)
+
+        scale = self.scale_vector()
+        A, B = self.A.to(x.dtype), self.B.to(x.dtype)
+        adapter_in = self.dropout(x)  # the base read x itself
+        measure = self.training and self.dynamic_weights
+        rerun = measure and forward_id is not None and forward_id == self._measured_forward
+        if rerun:
+            # Gradient checkpointing recomputes this forward: use the weights it used, update nothing.
+            scale = self._measured_scale
+        if measure:
+            # The update alone, to measure its norm before s * w_m (one mose_lora call either way).
+            update = mose_lora(adapter_in, slot, expert, gate, A, B, scale)
+            y = base.to(x.dtype) + update
+            if not rerun:
+                self._measured_forward, self._measured_scale = forward_id, scale
+                self._update_dynamic_weights(update.detach(), slot, scale)
+        else:
+            y = mose_lora(adapter_in, slot, expert, gate, A, B, scale, out=base.to(x.dtype))
+
+        self.last_regularizers = self._regularizers(unit_logits, unit_slot) if self.training else None
+        return y
+
+    def _router_logits(self, x, slot, sample, n_samples):
+        """Per-token router logits (N, E), and the logits and slots of the routing units (U, E), (U,)."""
+        n_slots, n_experts = len(self.adapted), self.num_experts
+        adapted = slot >= 0
+        if self.routing == "token":
+            # All slots' logits in one matmul, then each token's own slot (E is small).
+            every = F.linear(x, self.router_weight.reshape(n_slots * n_experts, -1).to(x.dtype),
+                             self.router_bias.reshape(-1).to(x.dtype))  # [N, Ma*E]
+            index = slot.clamp_min(0).view(-1, 1, 1).expand(-1, 1, n_experts)
+            logits = every.view(-1, n_slots, n_experts).gather(1, index).squeeze(1)  # [N, E]
+            return logits, logits[adapted], slot[adapted]
+        # Sequence routing: one unit per (sample, modality), routed on the mean of its tokens.
+        if sample is None:
+            sample = torch.zeros_like(slot)
+        unit = sample * n_slots + slot.clamp_min(0)  # [N]
+        n_units = n_samples * n_slots
+        sums = x.new_zeros(n_units, x.shape[1], dtype=torch.float32).index_add(
+            0, unit[adapted], x[adapted].float())
+        counts = torch.bincount(unit[adapted], minlength=n_units)
+        means = (sums / counts.clamp_min(1).unsqueeze(1)).to(x.dtype)  # [U_all, d_in]
+        unit_slots = torch.arange(n_slots, device=x.device).repeat(n_samples)  # [U_all]
+        unit_logits = torch.einsum("ud,ued->ue", means, self.router_weight.to(x.dtype)[unit_slots]) \
+            + self.router_bias.to(x.dtype)[unit_slots]  # [U_all, E]
+        present = counts > 0
+        return unit_logits[unit], unit_logits[present], unit_slots[present]
+
+    def _regularizers(self, unit_logits, unit_slot) -> dict[str, torch.Tensor]:
+        """DESIGN 2.1: load balance (mean over adapted modalities present) and router z-loss."""
+        n_slots, n_experts, k = len(self.adapted), self.num_experts, self.top_k
+        zero = unit_logits.new_zeros((), dtype=torch.float32)
+        if unit_logits.shape[0] == 0:
+            return {"load_balance": zero, "z_loss": zero}
+        logits = unit_logits.float()
+        probs = torch.softmax(logits, dim=-1)  # [U, E]
+        chosen = probs.topk(k, dim=-1).indices
+        share = torch.full_like(chosen, 1.0 / k, dtype=probs.dtype)  # each of k choices counts 1/k
+        dispatch = torch.zeros_like(probs).scatter_add(1, chosen, share)
+        count = torch.bincount(unit_slot, minlength=n_slots).to(probs.dtype)  # [Ma]
+        frac = probs.new_zeros(n_slots, n_experts).index_add(0, unit_slot, dispatch)
+        mean_p = torch.zeros_like(frac).index_add(0, unit_slot, probs)
+        per_slot = n_experts * (frac * mean_p).sum(-1) / count.clamp_min(1) ** 2  # E * sum_e f * P
+        present = count > 0
+        load_balance = per_slot[present].mean()
+        z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
+        return {"load_balance": load_balance, "z_loss": z_loss}
+
+    @torch.no_grad()
+    def _update_dynamic_weights(self, update, slot, scale):
+        """EMA of the per-modality mean update norm before s * w_m, then w_m (DESIGN 2.1)."""
+        adapted = slot >= 0
+        if not adapted.any():
+            return
+        n_slots = len(self.adapted)
+        norms = update[adapted].float().norm(dim=-1) / scale[slot[adapted]]  # [Na], norm of the raw update
+        total = torch.zeros(n_slots, device=update.device).index_add(0, slot[adapted], norms)
+        count = torch.bincount(slot[adapted], minlength=n_slots)
+        present = count > 0
+        ids = self.adapted_ids[present]
+        batch_mean = (total / count.clamp_min(1))[present]
+        self.update_norm_ema[ids] = self.beta * self.update_norm_ema[ids] + (1 - self.beta) * batch_mean
+        self.refresh_modality_weights()
+
+    @torch.no_grad()
+    def refresh_modality_weights(self):
+        """``w_m = clip((cbar / c_m)^gamma, w_min, w_max)`` on the balance set; 1 while any c_m is 0."""
+        if not self.balance:
+            return
+        ids = self.slot_of_modality.new_tensor(self.balance)
+        c = self.update_norm_ema[ids]
+        if bool((c > 0).all()):
+            w = (c.mean() / c).pow(self.gamma).clamp(*self.weight_clip)
+        else:
+            w = torch.ones_like(c)
+        self.modality_weight[ids] = w
+
+
+class MoSELinear(nn.Module):
+    """A frozen ``nn.Linear`` (``base_layer``) plus MoSE adapters (``mose_adapter[name]``).
+
+    ``forward(x, modality=None)``: ``modality`` holds the ids of x's tokens (shape ``x.shape[:-1]``);
+    inside a model prepared by ``apply_mosear`` / PEFT it comes from the model's modality context.
+    """
+
+    adapter_layer_names = ("mose_adapter",)
+
+    def __init__(self, base_layer: nn.Linear, adapter_name: str = "default", **adapter_kwargs):
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"base_layer: expected an nn.Linear, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.base_layer.requires_grad_(False)
+        self.mose_adapter = nn.ModuleDict()
+        self._active_adapter = adapter_name
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self._mosear_context = None
+        if adapter_kwargs:
+            self.add_adapter(adapter_name, **adapter_kwargs)
+
+    def add_adapter(self, adapter_name: str, **adapter_kwargs):
+        weight = self.base_layer.weight
+        self.mose_adapter[adapter_name] = MoSEAdapter(
+            self.base_layer.in_features, self.base_layer.out_features, dtype=weight.dtype,
+            device=weight.device,
+            **adapter_kwargs)
+
+    def active_mose_adapter(self) -> MoSEAdapter | None:
+        """The active adapter, or None when adapters are disabled or absent."""
+        if self._disable_adapters:
+            return None
+        active = self._active_adapter
+        names = [active] if isinstance(active, str) else list(active)
+        names = [n for n in names if n in self.mose_adapter]
+        if len(names) > 1:
+            raise ValueError(f"active adapters: MoSE runs one adapter at a time, got {names}; call "
+                             "set_adapter(<one name>)")
+        return self.mose_adapter[names[0]] if names else None
+
+    def forward(self, x: torch.Tensor, *args, modality: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        base = self.base_layer(x, *args, **kwargs)
+        adapter = self.active_mose_adapter()
+        if adapter is None:
+            return base
+        forward_id = None
+        if modality is None:
+            modality = self._context_modality(x)
+            forward_id = self._mosear_context.forward_count
+        if not isinstance(modality, torch.Tensor) or tuple(modality.shape) != tuple(x.shape[:-1]):
+            got = tuple(modality.shape) if isinstance(modality, torch.Tensor) else type(modality).__name__
+            raise ValueError(f"modality: expected ids of shape {tuple(x.shape[:-1])} (x.shape[:-1]), got "
+                             f"{got}")
+        if x.dim() >= 3:  # (B, T, d): samples for sequence routing
+            n_samples = int(math.prod(x.shape[:-2]))
+            sample = torch.arange(n_samples, device=x.device).repeat_interleave(x.shape[-2])
+        else:
+            n_samples, sample = 1, None
+        y = adapter(x.reshape(-1, x.shape[-1]), base.reshape(-1, base.shape[-1]), modality.reshape(-1).long(),
+                    sample, n_samples, forward_id)
+        return y.view(*base.shape[:-1], y.shape[-1]).to(base.dtype)
+
+    def _context_modality(self, x):
+        context = self._mosear_context
+        if context is None:
+            raise ValueError("modality: MoSELinear needs the modality id of every token; pass modality=... "
+                             "or prepare the model with apply_mosear / get_peft_model and call it with "
+                             "modality_ids")
+        return context.query_modality_for(tuple(x.shape[:-1]))
