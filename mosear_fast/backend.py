@@ -21,7 +21,7 @@ BACKENDS = ("auto", "torch", "triton")
 _IMPLEMENTATIONS: dict[str, dict[str, str | None]] = {
     "mose_lora": {
         "torch": "mosear_fast.kernels.mose.torch_backend:mose_lora_torch",
-        "triton": None,
+        "triton": "mosear_fast.kernels.mose.function:mose_lora_triton",
     },
     "ar_attention": {
         "torch": "mosear_fast.kernels.ar_attention.torch_backend:ar_attention_torch",

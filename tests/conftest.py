@@ -14,7 +14,7 @@ import torch  # noqa: E402
 
 # Backends every op test runs on. Triton runs through the interpreter on CPU tensors here,
 # compiled when CUDA is present (see `device` below).
-MOSE_BACKENDS = ["torch"]
+MOSE_BACKENDS = ["torch", "triton"]
 AR_BACKENDS = ["torch", "triton"]
 
 

@@ -1,0 +1,415 @@
+"""Triton backend of ``mose_lora``: forward and every gradient against the float64 reference.
+
+On a machine without CUDA the kernels run through the Triton interpreter on CPU tensors (set up by
+conftest.py), so shapes are small; they still cover token-block and feature tails, several blocks,
+empty groups, padding rows, top-1 and top-2, every dtype and ranks that need padding for tl.dot.
+With CUDA the same tests run compiled.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from mosear_fast.kernels.mose import launch
+from mosear_fast.kernels.mose.function import mose_lora_triton
+from mosear_fast.kernels.mose.reference import mose_lora_reference
+
+from mosear_fast import mose_lora
+from mosear_fast.tolerances import assert_close, rel_error
+from tests.cases import make_mose_inputs
+
+GRAD_NAMES = ("x", "gate", "A", "B", "out")
+
+
+def _scale_vec(inputs, device):
+    scale, n_modalities = inputs["scale"], inputs["A"].shape[0]
+    if isinstance(scale, torch.Tensor):
+        return scale.to(device=device, dtype=torch.float32)
+    return torch.full((n_modalities,), float(scale), dtype=torch.float32, device=device)
+
+
+def _run(inputs, dy=None, *, grads=GRAD_NAMES, direct=False, **kwargs):
+    """Forward (and backward with ``dy``) of the Triton backend; returns (y, {name: grad})."""
+    leaves = {n: inputs[n].detach().clone().requires_grad_(n in grads)
+              for n in GRAD_NAMES if inputs[n] is not None}
+    args = (leaves["x"], inputs["modality"], inputs["expert"], leaves["gate"], leaves["A"], leaves["B"])
+    out = leaves.get("out")
+    if direct:  # the entry point itself, bypassing validation (out-of-range ids on the CPU)
+        y = mose_lora_triton(*args, _scale_vec(inputs, args[0].device), out, **kwargs)
+    else:
+        y = mose_lora(*args, inputs["scale"], out, backend="triton", **kwargs)
+    result = {}
+    if dy is not None:
+        y.backward(dy)
+        result = {n: t.grad for n, t in leaves.items() if n in grads}
+    return y, result
+
+
+def _reference(inputs, dy=None, *, modality=None, gate=None):
+    """float64 reference result and gradients (every differentiable input)."""
+    leaves = {n: inputs[n].detach().cpu().double().requires_grad_(True)
+              for n in GRAD_NAMES if inputs[n] is not None}
+    gate_arg = leaves["gate"] if gate is None else leaves["gate"] * gate.cpu().double()
+    scale = inputs["scale"].cpu() if isinstance(inputs["scale"], torch.Tensor) else inputs["scale"]
+    modality = inputs["modality"] if modality is None else modality
+    y = mose_lora_reference(leaves["x"], modality.cpu(), inputs["expert"].cpu(), gate_arg, leaves["A"],
+                            leaves["B"], scale, leaves.get("out"))
+    grads = {}
+    if dy is not None:
+        y.backward(dy.detach().cpu().double())
+        grads = {n: t.grad for n, t in leaves.items()}
+    return y.detach(), grads
+
+
+def _update(y, inputs):
+    y = y.detach().cpu().double()
+    return y - inputs["out"].cpu().double() if inputs["out"] is not None else y
+
+
+def _check_all(inputs, y, grads, ref_y, ref_grads, dtype):
+    assert y.dtype == dtype
+    assert_close(_update(y, inputs), _update(ref_y, inputs), dtype, what="update")
+    for name, grad in grads.items():
+        if name == "out":
+            continue
+        assert grad is not None, name
+        assert grad.dtype == inputs[name].dtype, name
+        assert_close(grad, ref_grads[name], dtype, what=f"d{name}")
+
+
+CASES = [
+    # dtype, top_k, rank, n_modalities, n_experts
+    (torch.float32, 1, 4, 3, 4),
+    (torch.float32, 2, 16, 8, 16),
+    (torch.float32, 2, 24, 3, 4),  # rank that is not a power of two
+    (torch.float16, 2, 64, 3, 4),
+    (torch.float16, 1, 8, 1, 1),
+    (torch.bfloat16, 1, 16, 2, 16),
+    (torch.bfloat16, 2, 4, 8, 2),
+    (torch.bfloat16, 2, 64, 4, 8),
+]
+
+
+@pytest.mark.parametrize("dtype,top_k,rank,n_modalities,n_experts", CASES)
+def test_forward_and_gradients_match_reference(device, dtype, top_k, rank, n_modalities, n_experts):
+    # 150 tokens: three token blocks, the last one partial; d_in, d_out: feature tiles with tails
+    inputs = make_mose_inputs(150, 100, 70, n_modalities=n_modalities, n_experts=n_experts, rank=rank,
+                              top_k=top_k, dtype=dtype, device=device, seed=rank + top_k)
+    dy = torch.randn(150, 70, device=device).to(dtype)
+    y, grads = _run(inputs, dy)
+    ref_y, ref_grads = _reference(inputs, dy)
+    _check_all(inputs, y, grads, ref_y, ref_grads, dtype)
+    assert torch.equal(grads["out"], dy)  # out's gradient is dy passed through
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_without_out_and_with_float_scale(device, dtype):
+    inputs = make_mose_inputs(40, 33, 17, rank=8, top_k=2, dtype=dtype, device=device, with_out=False,
+                              tensor_scale=False)
+    dy = torch.randn(40, 17, device=device).to(dtype)
+    y, grads = _run(inputs, dy)
+    ref_y, ref_grads = _reference(inputs, dy)
+    _check_all(inputs, y, grads, ref_y, ref_grads, dtype)
+    padding = inputs["modality"] < 0
+    assert padding.any() and torch.equal(y[padding], torch.zeros_like(y[padding]))
+
+
+def test_padding_rows_equal_out_exactly(device):
+    inputs = make_mose_inputs(90, 40, 50, rank=16, top_k=2, dtype=torch.bfloat16, device=device,
+                              pad_fraction=0.4)
+    y, _ = _run(inputs)
+    padding = inputs["modality"] < 0
+    assert padding.any() and (~padding).any()
+    assert torch.equal(y[padding], inputs["out"][padding])
+    assert not torch.equal(y[~padding], inputs["out"][~padding])
+
+
+def test_empty_groups_and_absent_modalities(device):
+    # experts 1 and 2 never selected; modality 1 absent
+    inputs = make_mose_inputs(70, 40, 36, n_modalities=3, n_experts=4, rank=8, top_k=2, device=device,
+                              unused_experts=(1, 2))
+    inputs["modality"][inputs["modality"] == 1] = 2
+    dy = torch.randn(70, 36, device=device)
+    y, grads = _run(inputs, dy)
+    ref_y, ref_grads = _reference(inputs, dy)
+    _check_all(inputs, y, grads, ref_y, ref_grads, torch.float32)
+    assert torch.equal(grads["B"][:, 1:3], torch.zeros_like(grads["B"][:, 1:3]))
+    assert torch.equal(grads["A"][1], torch.zeros_like(grads["A"][1]))
+
+
+@pytest.mark.parametrize("n_tokens,pad_fraction", [(0, 0.0), (1, 0.0), (1, 1.0), (20, 1.0)])
+def test_degenerate_token_counts(device, n_tokens, pad_fraction):
+    inputs = make_mose_inputs(n_tokens, 24, 20, rank=4, top_k=2, device=device, pad_fraction=pad_fraction)
+    dy = torch.randn(n_tokens, 20, device=device)
+    y, grads = _run(inputs, dy)
+    ref_y, ref_grads = _reference(inputs, dy)
+    assert y.shape == (n_tokens, 20)
+    if n_tokens == 0 or pad_fraction == 1.0:  # no adapted token: y is out, the adapter gradients are 0
+        assert torch.equal(y, inputs["out"])
+        for name in ("x", "gate", "A", "B"):
+            assert grads[name].shape == inputs[name].shape, name
+            assert torch.equal(grads[name], torch.zeros_like(grads[name])), name
+    else:
+        _check_all(inputs, y, grads, ref_y, ref_grads, torch.float32)
+
+
+def test_inplace_writes_into_out(device):
+    inputs = make_mose_inputs(80, 40, 30, rank=16, top_k=2, dtype=torch.float16, device=device)
+    expected, _ = _run(inputs, grads=())
+    target = inputs["out"].clone()
+    args = (inputs["x"], inputs["modality"], inputs["expert"], inputs["gate"], inputs["A"], inputs["B"])
+    result = mose_lora(*args, inputs["scale"], target, inplace=True, backend="triton")
+    assert result is target
+    assert torch.equal(target, expected)
+
+    # inplace with gradients to the adapter inputs (out itself does not require grad)
+    dy = torch.randn(80, 30, device=device).to(torch.float16)
+    target = inputs["out"].clone()
+    leaves = {n: inputs[n].clone().requires_grad_(True) for n in ("x", "gate", "A", "B")}
+    y = mose_lora(leaves["x"], inputs["modality"], inputs["expert"], leaves["gate"], leaves["A"], leaves["B"],
+                  inputs["scale"], target, inplace=True, backend="triton")
+    assert y is target
+    y.backward(dy)
+    _, ref_grads = _reference(inputs, dy)
+    for name, leaf in leaves.items():
+        assert_close(leaf.grad, ref_grads[name], torch.float16, what=f"d{name}")
+
+
+def test_noncontiguous_inputs_and_expanded_grad(device):
+    inputs = make_mose_inputs(60, 48, 40, rank=8, top_k=2, device=device)
+    inputs["x"] = torch.randn(60, 96, device=device)[:, ::2]  # row stride 96, column stride 2
+    inputs["out"] = torch.randn(40, 60, device=device).t()  # column-major
+    inputs["expert"] = inputs["expert"].t().contiguous().t()
+    inputs["modality"] = inputs["modality"].to(torch.int32)
+    inputs["gate"] = inputs["gate"].double()  # any float dtype: used in fp32, grad in its own dtype
+    leaves = {n: inputs[n].clone().requires_grad_(True) for n in GRAD_NAMES}
+    y = mose_lora(leaves["x"], inputs["modality"], inputs["expert"], leaves["gate"], leaves["A"], leaves["B"],
+                  inputs["scale"], leaves["out"], backend="triton")
+    y.sum().backward()  # dy is an expanded (stride 0) tensor of ones
+    ref_y, ref_grads = _reference(inputs, torch.ones(60, 40))
+    assert_close(_update(y, inputs), _update(ref_y, inputs), torch.float32, what="update")
+    for name in ("x", "gate", "A", "B"):
+        assert leaves[name].grad.dtype == inputs[name].dtype
+        assert_close(leaves[name].grad, ref_grads[name], torch.float32, what=f"d{name}")
+
+
+@pytest.mark.parametrize("grads", [("B",), ("gate",), ("x", "out"), ("A",)])
+def test_gradient_subsets(device, grads):
+    inputs = make_mose_inputs(50, 40, 30, rank=16, top_k=2, device=device)
+    dy = torch.randn(50, 30, device=device)
+    _, got = _run(inputs, dy, grads=grads)
+    _, ref_grads = _reference(inputs, dy)
+    assert set(got) == set(grads)
+    for name in grads:
+        assert_close(got[name], ref_grads[name], torch.float32, what=f"d{name}")
+
+
+def test_deterministic_backward_is_bit_identical(device, monkeypatch):
+    inputs = make_mose_inputs(200, 40, 36, n_modalities=2, n_experts=2, rank=8, top_k=2,
+                              dtype=torch.bfloat16, device=device)
+    dy = torch.randn(200, 36, device=device).to(torch.bfloat16)
+    first = _run(inputs, dy, deterministic=True)[1]
+    second = _run(inputs, dy, deterministic=True)[1]
+    for name in GRAD_NAMES:
+        assert torch.equal(first[name], second[name]), name
+    # the environment switch selects the same path when deterministic is left None
+    monkeypatch.setenv("MOSEAR_DETERMINISTIC", "1")
+    third = _run(inputs, dy)[1]
+    for name in GRAD_NAMES:
+        assert torch.equal(first[name], third[name]), name
+    # the split (atomic) reduction computes the same gradients within the tolerance
+    monkeypatch.setenv("MOSEAR_DETERMINISTIC", "0")
+    split = _run(inputs, dy, deterministic=False)[1]
+    _, ref_grads = _reference(inputs, dy)
+    for name in ("A", "B"):
+        assert_close(split[name], ref_grads[name], torch.bfloat16, what=f"d{name} (split)")
+
+
+def test_weight_grad_splits():
+    cpu = torch.device("cpu")
+    assert launch.wgrad_splits(1000, 3, 4, cpu, deterministic=True) == 1
+    assert launch.wgrad_splits(0, 3, 4, cpu, deterministic=False) == 1
+    assert launch.wgrad_splits(1000, 3, 4, cpu, deterministic=False) > 1  # the CPU tests cover atomics
+
+
+def test_out_of_range_ids_are_skipped(device):
+    """With validation off (CUDA, validate=False), ids outside [0, M) / [0, E) must not be read:
+    a token with an out-of-range modality keeps ``out``; a choice with an out-of-range expert
+    contributes nothing (the token's other choice still does)."""
+    n_modalities, n_experts = 3, 4
+    inputs = make_mose_inputs(64, 40, 30, n_modalities=n_modalities, n_experts=n_experts, rank=8, top_k=2,
+                              device=device, pad_fraction=0.0)
+    modality, expert = inputs["modality"].clone(), inputs["expert"].clone()
+    modality[:5] = torch.tensor([3, 100, -2, -100, 7])
+    expert[10, 0], expert[11, 1], expert[12] = 4, -1, torch.tensor([50, -7])
+    inputs = dict(inputs, modality=modality, expert=expert)
+    dy = torch.randn(64, 30, device=device)
+    y, grads = _run(inputs, dy, direct=True)
+
+    skipped_rows = torch.zeros(64, dtype=torch.bool)
+    skipped_rows[:5] = True
+    pair_on = torch.ones(64, 2)
+    pair_on[10, 0] = pair_on[11, 1] = pair_on[12, 0] = pair_on[12, 1] = 0
+    safe_expert = expert.clamp(0, n_experts - 1)
+    safe = dict(inputs, modality=torch.where(skipped_rows.to(device), -1, modality), expert=safe_expert)
+    ref_y, ref_grads = _reference(safe, dy, gate=pair_on)
+    _check_all(safe, y, grads, ref_y, ref_grads, torch.float32)
+    assert torch.equal(y[:5], inputs["out"][:5]) and torch.equal(y[12], inputs["out"][12])
+    assert torch.equal(grads["gate"][10, 0], torch.zeros((), device=device))
+
+    if device.type == "cuda":  # the public op without validation takes the same path
+        y_public = mose_lora(inputs["x"], modality, expert, inputs["gate"], inputs["A"], inputs["B"],
+                             inputs["scale"], inputs["out"], backend="triton", validate=False)
+        assert torch.equal(y_public, y.detach())
+
+
+def test_forward_is_deterministic_and_matches_torch_backend(device):
+    inputs = make_mose_inputs(100, 40, 30, rank=16, top_k=2, device=device)
+    first, _ = _run(inputs, grads=())
+    second, _ = _run(inputs, grads=())
+    assert torch.equal(first, second)
+    args = (inputs["x"], inputs["modality"], inputs["expert"], inputs["gate"], inputs["A"], inputs["B"],
+            inputs["scale"], inputs["out"])
+    torch_y = mose_lora(*args, backend="torch")
+    assert rel_error(_update(first, inputs), _update(torch_y, inputs)) <= 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (sync detection, graph capture)")
+def test_no_host_sync_and_cuda_graph_capture():
+    device = torch.device("cuda")
+    inputs = make_mose_inputs(512, 256, 192, rank=16, top_k=2, dtype=torch.bfloat16, device=device)
+    leaves = {n: inputs[n].clone().requires_grad_(True) for n in GRAD_NAMES}
+    args = (leaves["x"], inputs["modality"], inputs["expert"], leaves["gate"], leaves["A"], leaves["B"],
+            inputs["scale"], leaves["out"])
+    mose_lora(*args, backend="triton").sum().backward()  # compile first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = mose_lora(*args, backend="triton", validate=False)
+        y.backward(torch.ones_like(y))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+    x, out = inputs["x"].clone(), inputs["out"].clone()
+    static_args = (x, inputs["modality"], inputs["expert"], inputs["gate"], inputs["A"], inputs["B"],
+                   inputs["scale"], out)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        mose_lora(*static_args, backend="triton", validate=False)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = mose_lora(*static_args, backend="triton", validate=False)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    expected = mose_lora(*static_args, backend="triton")
+    assert torch.equal(captured, expected)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fused base + adapter (kernels/mose/fused_linear.py): unbenchmarked, tested for correctness only
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype,top_k,rank,with_bias", [
+    (torch.float32, 2, 8, True),
+    (torch.bfloat16, 1, 16, False),
+    (torch.float16, 2, 64, True),
+])
+def test_fused_linear_matches_linear_plus_reference(device, dtype, top_k, rank, with_bias):
+    from mosear_fast.kernels.mose.fused_linear import mose_linear
+
+    n_tokens, d_in, d_out = 90, 72, 50
+    inputs = make_mose_inputs(n_tokens, d_in, d_out, rank=rank, top_k=top_k, dtype=dtype, device=device,
+                              with_out=False, seed=rank)
+    W = (torch.randn(d_out, d_in, device=device) * d_in ** -0.5).to(dtype)
+    bias = torch.randn(d_out, device=device).to(dtype) if with_bias else None
+    dy = torch.randn(n_tokens, d_out, device=device).to(dtype)
+    leaves = {n: inputs[n].clone().requires_grad_(True) for n in ("x", "gate", "A", "B")}
+    y = mose_linear(leaves["x"], W, bias, inputs["modality"], inputs["expert"], leaves["gate"], leaves["A"],
+                    leaves["B"], inputs["scale"])
+    y.backward(dy)
+
+    ref = {n: inputs[n].detach().cpu().double().requires_grad_(True) for n in ("x", "gate", "A", "B")}
+    ref_bias = None if bias is None else bias.cpu().double()
+    base = torch.nn.functional.linear(ref["x"], W.cpu().double(), ref_bias)
+    ref_y = mose_lora_reference(ref["x"], inputs["modality"].cpu(), inputs["expert"].cpu(), ref["gate"],
+                                ref["A"], ref["B"], inputs["scale"].cpu(), base)
+    ref_y.backward(dy.cpu().double())
+    assert y.dtype == dtype
+    assert_close(y, ref_y, dtype, what="y")
+    assert_close(y.detach().cpu().double() - base.detach(), ref_y.detach() - base.detach(), dtype,
+                 what="update (y - base)")
+    for name, leaf in leaves.items():
+        assert_close(leaf.grad, ref[name].grad, dtype, what=f"d{name}")
+
+
+def test_fused_linear_refuses_trainable_base(device):
+    from mosear_fast.kernels.mose.fused_linear import mose_linear
+
+    inputs = make_mose_inputs(8, 16, 12, rank=4, device=device, with_out=False)
+    W = torch.randn(12, 16, device=device, requires_grad=True)
+    with pytest.raises(ValueError, match="W"):
+        mose_linear(inputs["x"], W, None, inputs["modality"], inputs["expert"], inputs["gate"], inputs["A"],
+                    inputs["B"], inputs["scale"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Real compilation without a GPU: the interpreter accepts code the compiler rejects
+# ------------------------------------------------------------------------------------------------
+
+_COMPILE_SCRIPT = textwrap.dedent("""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from mosear_fast.kernels.mose import fused_linear as FL, launch, triton_kernels as K
+
+    IDX = dict(order_ptr="*i64", modality_ptr="*i32", expert_ptr="*i32", gate_ptr="*fp32",
+               scale_ptr="*fp32", offsets_ptr="*i64", pair_order_ptr="*i64")
+    F32 = "*fp32"
+    for p, numerics, top_k, br, bn in (("*bf16", 0, 2, 16, 64), ("*fp32", 1, 1, 64, 32)):
+        blocks = dict(BLOCK_T=64, BLOCK_R=br, NUMERICS=numerics)
+        jobs = [
+            (K.mose_shrink_kernel, dict(x_ptr=p, A_ptr=p, h_ptr=F32), dict(BLOCK_K=bn)),
+            (K.mose_expand_kernel, dict(h_ptr=F32, B_ptr=p, out_ptr=p, y_ptr=p),
+             dict(TOP_K=top_k, HAS_OUT=True, ONLY_ADAPTED_ROWS=top_k == 1, BLOCK_N=bn)),
+            (K.mose_expand_bwd_kernel, dict(dy_ptr=p, h_ptr=F32, B_ptr=p, dh_ptr=F32, dgate_ptr=F32),
+             dict(TOP_K=top_k, COMPUTE_DGATE=True, BLOCK_N=bn)),
+            (K.mose_shrink_bwd_kernel, dict(dh_ptr=F32, A_ptr=p, dx_ptr=p), dict(BLOCK_K=bn)),
+            (K.mose_shrink_wgrad_kernel, dict(x_ptr=p, dh_ptr=F32, dA_ptr=F32),
+             dict(SPLIT=top_k, BLOCK_K=bn)),
+            (K.mose_expand_wgrad_kernel, dict(dy_ptr=p, h_ptr=F32, dB_ptr=F32),
+             dict(TOP_K=top_k, SPLIT=3 - top_k, BLOCK_N=bn)),
+            (FL.mose_linear_kernel, dict(x_ptr=p, W_ptr=p, bias_ptr=p, h_ptr=F32, B_ptr=p, y_ptr=p),
+             dict(TOP_K=top_k, HAS_BIAS=True, BLOCK_N=bn, BLOCK_K=bn)),
+            (FL.mose_linear_bwd_dx_kernel, dict(dy_ptr=p, W_ptr=p, dh_ptr=F32, A_ptr=p, dx_ptr=p),
+             dict(BLOCK_N=bn, BLOCK_K=bn)),
+        ]
+        for fn, pointers, consts in jobs:
+            consts = {k: v for k, v in dict(blocks, **consts).items() if k in fn.arg_names}
+            types = dict(IDX, **pointers)
+            sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
+            triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": launch._NUM_WARPS})
+            print("compiled", fn.__name__)
+""")
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90():
+    """Every kernel goes through Triton's real pipeline (TTIR to cubin, sm_90) in a process without
+    the interpreter: needs the triton package's bundled ptxas, not a GPU."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=300)
+    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
+        pytest.skip("no ptxas in this triton installation")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("compiled") == 16
