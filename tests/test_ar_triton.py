@@ -7,11 +7,11 @@ against the float64 reference with the tolerance table (relative Frobenius error
 
 import pytest
 import torch
+
+from mosear_fast import ar_attention
 from mosear_fast.kernels.ar_attention import ar_attention_reference
 from mosear_fast.kernels.ar_attention.function import ar_attention_triton
 from mosear_fast.kernels.ar_attention.launch import launch_plan
-
-from mosear_fast import ar_attention
 from mosear_fast.tolerances import assert_close
 
 from .cases import av_layout, make_ar_inputs

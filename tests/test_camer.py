@@ -1,6 +1,7 @@
 """CA-MER protocol: subset assignment, label-set metrics, label parsing, row problems."""
 
 import pytest
+
 from mosear_fast.training import (
     EMOTIONS,
     CamerAccumulator,

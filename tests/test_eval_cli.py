@@ -3,6 +3,7 @@
 import json
 
 import pytest
+
 from mosear_fast.training import generate_camer
 from mosear_fast.training.eval_cli import main
 

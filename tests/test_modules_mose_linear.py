@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
-from mosear_fast.kernels.mose.reference import mose_lora_reference
 from torch import nn
 
 from mosear_fast import MoSELinear
+from mosear_fast.kernels.mose.reference import mose_lora_reference
 
 
 def make_layer(d_in=8, d_out=6, *, adapted=(0, 1, 2), init_weights=False, seed=0, **kwargs):

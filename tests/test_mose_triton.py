@@ -15,11 +15,11 @@ import textwrap
 
 import pytest
 import torch
+
+from mosear_fast import mose_lora
 from mosear_fast.kernels.mose import launch
 from mosear_fast.kernels.mose.function import mose_lora_triton
 from mosear_fast.kernels.mose.reference import mose_lora_reference
-
-from mosear_fast import mose_lora
 from mosear_fast.tolerances import assert_close, rel_error
 from tests.cases import make_mose_inputs
 

@@ -3,10 +3,10 @@
 import pathlib
 import subprocess
 import sys
-import tomllib
 import zipfile
 
 import pytest
+import tomllib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NAMESPACE_DIRS = {"mosear_fast": "mosear_fast", "kernels": "mosear_fast.kernels", "export": "mosear_fast.export",

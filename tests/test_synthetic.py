@@ -5,6 +5,8 @@ import os
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
+
 from mosear_fast.training import (
     ManifestDataset,
     ManifestWriter,
@@ -16,7 +18,6 @@ from mosear_fast.training import (
     to_sequence,
 )
 from mosear_fast.training.labels import EMOTIONS
-from torch.utils.data import DataLoader
 
 TENSOR_FIELDS = ("label", "audio_label", "video_label", "visual", "audio", "text")
 
