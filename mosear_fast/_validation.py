@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .backend import is_exporting
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_MODALITIES = 8
 
@@ -54,6 +56,8 @@ def _same_device(device, **tensors):
 
 
 def _needs_value_checks(t: torch.Tensor, validate: bool) -> bool:
+    if is_exporting():  # the values are symbolic while a graph is traced
+        return False
     if t.device.type == "cpu":
         return True
     if not validate:

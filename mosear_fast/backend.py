@@ -28,6 +28,18 @@ _IMPLEMENTATIONS: dict[str, dict[str, str | None]] = {
         "triton": "mosear_fast.kernels.ar_attention.function:ar_attention_triton",
     },
 }
+# While a model is exported (torch.export / torch.onnx.export), every backend gives way to a
+# static-shape form of the op (no NonZero, no host-side sizes): internal, not a user-selectable backend.
+_EXPORT_IMPLEMENTATIONS = {
+    "mose_lora": "mosear_fast.kernels.mose.static:mose_lora_static",
+    "ar_attention": "mosear_fast.kernels.ar_attention.static:ar_attention_static",
+}
+
+
+def is_exporting() -> bool:
+    """True while torch.export or torch.onnx.export traces the model."""
+    exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool((exporting is not None and exporting()) or torch.onnx.is_in_onnx_export())
 
 
 def triton_interpreter_enabled() -> bool:
@@ -61,6 +73,11 @@ def resolve_backend(op: str, backend: str, device: torch.device) -> str:
 
 def implementation(op: str, backend: str, device: torch.device) -> Callable:
     """The callable that runs ``op`` on ``backend`` ("auto" resolved for ``device``)."""
-    target = _IMPLEMENTATIONS[op][resolve_backend(op, backend, device)]
+    if is_exporting():
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        target = _EXPORT_IMPLEMENTATIONS[op]
+    else:
+        target = _IMPLEMENTATIONS[op][resolve_backend(op, backend, device)]
     module, _, name = target.partition(":")
     return getattr(importlib.import_module(module), name)

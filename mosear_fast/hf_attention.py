@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .backend import is_exporting
 from .ops import ar_attention
 
 IMPLEMENTATION = "mosear_ar"
@@ -53,13 +54,15 @@ def mosear_attention_forward(module, query, key, value, attention_mask, dropout:
     if query_ids.shape != (query.shape[0], query.shape[2]):
         raise ValueError(f"modality ids: layer {layer} got {query.shape[2]} queries but the forward was "
                          f"given ids for {tuple(query_ids.shape)}")
-    selected = torch.isin(query_ids, query_ids.new_tensor(settings["query_modalities"]))
+    # a broadcast compare rather than torch.isin, which the ONNX exporter cannot translate
+    selected = (query_ids[..., None] == query_ids.new_tensor(settings["query_modalities"])).any(-1)
     out, masses = ar_attention(
         query, key, value, key_ids, num_modalities=settings["num_modalities"], balance=settings["balance"],
         target=settings["target"], strength=settings["strength"], threshold=settings["threshold"],
         modality_bias=settings["modality_bias"], causal=True, scale=scaling, query_mask=selected,
         return_masses=True, backend=settings["backend"])
-    context.shares[layer] = _mean_shares(masses, key_ids, query_ids, selected, settings)
+    if not is_exporting():  # attention shares are a monitoring read-out, not part of an exported graph
+        context.shares[layer] = _mean_shares(masses, key_ids, query_ids, selected, settings)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from ._validation import MAX_MODALITIES
+from .backend import is_exporting
 
 DEFAULT_MODALITIES = ("text", "visual", "audio")
 
@@ -63,7 +64,7 @@ def check_modality_ids(modality_ids, *, batch: int, num_modalities: int,
     if modality_ids.dim() != 2 or modality_ids.shape[0] != batch:
         raise ValueError(f"{name}: expected shape (B={batch}, T) like input_ids / inputs_embeds[..., 0], "
                          f"got {tuple(modality_ids.shape)}")
-    if modality_ids.numel() > 0:
+    if modality_ids.numel() > 0 and not is_exporting():  # the range check reads values: not in a traced graph
         lo, hi = int(modality_ids.min()), int(modality_ids.max())
         if lo < -1 or hi >= num_modalities:
             raise ValueError(f"{name}: expected ids in [-1, {num_modalities}) (modalities of the config), "

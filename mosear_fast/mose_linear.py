@@ -261,7 +261,7 @@ class MoSELinear(nn.Module):
             got = tuple(modality.shape) if isinstance(modality, torch.Tensor) else type(modality).__name__
             raise ValueError(f"modality: expected ids of shape {tuple(x.shape[:-1])} (x.shape[:-1]), got "
                              f"{got}")
-        if x.dim() >= 3:  # (B, T, d): samples for sequence routing
+        if x.dim() >= 3 and adapter.routing == "sequence":  # (B, T, d): the samples of the routing units
             n_samples = int(math.prod(x.shape[:-2]))
             sample = torch.arange(n_samples, device=x.device).repeat_interleave(x.shape[-2])
         else:

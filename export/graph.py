@@ -1,0 +1,178 @@
+"""The ONNX graph: torch.onnx.export (dynamo) of the ExportModule, dynamic (batch, seq) axes, dtype.
+
+While the tracer runs, ``mose_lora`` and ``ar_attention`` switch to their static-shape forms
+(``mosear_fast.backend``), so the graph holds TopK, one-hot gates and stacked MatMuls for MoSE and
+MatMul/Exp/ReduceMax/Where for AR: no NonZero, no ScatterND with a reduction, no data-dependent
+shape. Low-precision graphs keep the router's softmax and TopK in float32 (the module computes
+them in float32), which TensorRT's strongly typed networks and onnxruntime's CPU TopK both need.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+from .shapes import AxisRange, trace_size
+from .sources import ExportModule, example_inputs, input_specs
+from .support import check_exportable
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEFAULT_OPSET = 20
+OPSET_RANGE = (18, 24)  # torch's exporter writes opset 18+; TensorRT 10/11 parse up to 24
+OUTPUT_NAMES = ["logits"]
+# Beyond this many bytes of weights, they go to model.onnx.data (protobuf caps a file at 2 GiB).
+EXTERNAL_DATA_BYTES = 1 << 30
+
+
+def _isin_by_compare(elements, test_elements, *, assume_unique=False, invert=False):
+    """``isin`` as one broadcast compare: the exporter's own decomposition sorts and calls searchsorted
+    (no ONNX translation) when sizes are symbolic; the test set here is a handful of modality ids."""
+    found = (elements.unsqueeze(-1) == test_elements.reshape(-1)).any(-1)
+    return ~found if invert else found
+
+
+def _bound(x, value):
+    return torch.full((), value, dtype=x.dtype, device=x.device)
+
+
+def _clamp_by_max_min(x, min=None, max=None):  # noqa: A002  (aten's argument names)
+    """``clamp`` as Max/Min: the exporter writes Clip, which TensorRT parses for float inputs only, and
+    the modules clamp integer ids (``modality.clamp_min(0)``). Max/Min take every type, NaN propagates alike."""
+    if min is not None:
+        x = torch.maximum(x, _bound(x, min))
+    if max is not None:
+        x = torch.minimum(x, _bound(x, max))
+    return x
+
+
+# Applied to the traced program before ONNX translation (only these ops; the exporter decomposes the rest).
+STATIC_DECOMPOSITIONS = {
+    torch.ops.aten.isin.Tensor_Tensor: _isin_by_compare,
+    torch.ops.aten.clamp.default: _clamp_by_max_min,
+    torch.ops.aten.clamp_min.default: lambda x, min: _clamp_by_max_min(x, min=min),
+    torch.ops.aten.clamp_max.default: lambda x, max: _clamp_by_max_min(x, max=max),
+}
+
+
+class GraphExportError(RuntimeError):
+    """torch.onnx.export failed, or the graph lost a dynamic axis."""
+
+
+def check_opset(opset: int) -> int:
+    if isinstance(opset, bool) or not isinstance(opset, int) or not OPSET_RANGE[0] <= opset <= OPSET_RANGE[1]:
+        raise ValueError(f"--opset: expected an int in [{OPSET_RANGE[0]}, {OPSET_RANGE[1]}], got {opset!r}")
+    return opset
+
+
+def cast_module(module: ExportModule, dtype_name: str) -> ExportModule:
+    """The module with its floating-point weights in ``dtype_name`` (fp32, fp16 or bf16)."""
+    if dtype_name not in DTYPES:
+        raise ValueError(f"--dtype: expected one of {tuple(DTYPES)}, got {dtype_name!r}")
+    return module.to(DTYPES[dtype_name])
+
+
+def _dim(axis: AxisRange):
+    return None if axis.min == axis.max else torch.export.Dim(axis.name, min=axis.min, max=axis.max)
+
+
+def export_onnx(module: ExportModule, path: Path, *, batch: AxisRange, seq: AxisRange, opset: int) -> onnx.ModelProto:
+    """Writes the graph to ``path`` (weights beside it in ``path.name + '.data'`` when large); returns it
+    loaded without the external weights."""
+    args = example_inputs(module, trace_size(batch), trace_size(seq), seed=1)
+    names = [spec.name for spec in input_specs(module)]
+    axes = {0: _dim(batch), 1: _dim(seq)}
+    dynamic_shapes = {name: {i: d for i, d in axes.items() if d is not None} for name in names}
+    log = io.StringIO()
+    try:
+        check_exportable(module.model)
+        with torch.no_grad(), warnings.catch_warnings(), \
+                contextlib.redirect_stdout(log), _quiet_exporter_logs():
+            warnings.simplefilter("ignore")
+            exported = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
+            exported = exported.run_decompositions(STATIC_DECOMPOSITIONS)
+            program = torch.onnx.export(exported, args, dynamo=True, input_names=names, output_names=OUTPUT_NAMES,
+                                        opset_version=opset, optimize=True, verbose=False)
+    except (torch.onnx.errors.OnnxExporterError, RuntimeError, ValueError) as err:
+        raise GraphExportError(f"torch.onnx.export failed: {_first_line(err)}") from err
+    weight_bytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
+    model = onnx.load(str(path), load_external_data=False)
+    _check_dynamic_axes(model, names, batch, seq)
+    _name_dynamic_axes(model, names[0], batch, seq)
+    onnx.save(model, str(path))  # external weights, if any, stay where program.save put them
+    return model
+
+
+def _name_dynamic_axes(model: onnx.ModelProto, first_input: str, batch: AxisRange, seq: AxisRange) -> None:
+    """Renames the tracer's symbols (s27, s53, ...) to the axis names ("batch", "seq") everywhere."""
+    value = next(v for v in model.graph.input if v.name == first_input)
+    dims = value.type.tensor_type.shape.dim
+    rename = {dims[i].dim_param: axis.name for i, axis in ((0, batch), (1, seq)) if dims[i].dim_param}
+    for info in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        if info.type.HasField("tensor_type"):
+            for dim in info.type.tensor_type.shape.dim:
+                if dim.dim_param in rename:
+                    dim.dim_param = rename[dim.dim_param]
+
+
+def _check_dynamic_axes(model: onnx.ModelProto, names, batch: AxisRange, seq: AxisRange) -> None:
+    """Every (B, T) input keeps a symbolic dim where its range is not a single size (a specialised
+    axis would make every other size fail at run time)."""
+    for value in model.graph.input:
+        if value.name not in names:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        for i, axis in ((0, batch), (1, seq)):
+            if axis.min != axis.max and not dims[i].dim_param:
+                raise GraphExportError(f"the exported graph fixed {value.name} axis {i} ({axis.name}) to "
+                                       f"{dims[i].dim_value}; the model specialises that size while tracing")
+
+
+@contextlib.contextmanager
+def _quiet_exporter_logs():
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    cause = err.__cause__
+    while cause is not None:  # the exporter wraps the real reason
+        text = str(cause).strip() or text
+        cause = cause.__cause__
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()[:400]
+    return type(err).__name__
+
+
+def op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """Node count per op type (with its domain when not the default one), subgraphs included."""
+    counts: dict[str, int] = {}
+    for node in iter_nodes(model.graph):
+        key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def iter_nodes(graph: onnx.GraphProto):
+    """Every node of ``graph`` and of its subgraphs (If/Loop/Scan bodies)."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from iter_nodes(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from iter_nodes(sub)

@@ -1,0 +1,73 @@
+"""Shape ranges of the dynamic axes (``--batch MIN:OPT:MAX``, ``--seq MIN:OPT:MAX``) and what follows
+from them: the shapes validation runs, the example shape the tracer sees, TensorRT's profile."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_BATCH = "1:2:4"
+DEFAULT_SEQ = "1:32:128"
+
+
+@dataclass(frozen=True)
+class AxisRange:
+    """A dynamic axis: its name in the graph and the sizes it must accept, min <= opt <= max."""
+
+    name: str
+    min: int
+    opt: int
+    max: int
+
+    def as_list(self) -> list[int]:
+        return [self.min, self.opt, self.max]
+
+
+def parse_range(text: str, *, name: str, option: str) -> AxisRange:
+    """``"MIN:OPT:MAX"`` (or ``"N"`` for a fixed size) -> AxisRange; ValueError naming ``option``."""
+    parts = str(text).split(":")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = None
+    if values is None or len(values) not in (1, 3):
+        raise ValueError(f"{option}: expected MIN:OPT:MAX (positive ints) or one int, got {text!r}")
+    low, opt, high = values * 3 if len(values) == 1 else values
+    if low < 1:
+        raise ValueError(f"{option}: expected MIN >= 1, got {text!r}")
+    if low > high:
+        raise ValueError(f"{option}: expected MIN <= MAX, got min {low} > max {high} in {text!r}")
+    if not low <= opt <= high:
+        raise ValueError(f"{option}: expected MIN <= OPT <= MAX, got {text!r}")
+    return AxisRange(name, low, opt, high)
+
+
+def odd_size(axis: AxisRange) -> int:
+    """A size strictly inside the range, odd where possible (catches even-only tiling assumptions)."""
+    candidates = [s for s in range(axis.min + 1, axis.max) if s % 2 == 1 and s not in (axis.min, axis.opt)]
+    if candidates:
+        return candidates[len(candidates) // 2]
+    return axis.max
+
+
+def validation_shapes(batch: AxisRange, seq: AxisRange) -> list[tuple[str, int, int]]:
+    """(label, batch, length) at min, opt, max and an odd shape of the ranges, without repeats."""
+    shapes = [("min", batch.min, seq.min), ("opt", batch.opt, seq.opt), ("max", batch.max, seq.max),
+              ("odd", odd_size(batch), odd_size(seq))]
+    seen, unique = set(), []
+    for label, b, t in shapes:
+        if (b, t) not in seen:
+            seen.add((b, t))
+            unique.append((label, b, t))
+    return unique
+
+
+def trace_size(axis: AxisRange) -> int:
+    """The example size given to the tracer: 0/1 would be specialised, so at least 2 when the range allows."""
+    if axis.max == axis.min:
+        return axis.min
+    return min(axis.max, max(2, axis.opt))
+
+
+def tensorrt_profile(input_names, batch: AxisRange, seq: AxisRange) -> dict[str, tuple[tuple, tuple, tuple]]:
+    """One optimisation profile: input name -> ((min shape), (opt shape), (max shape)), all (B, T) inputs."""
+    return {name: ((batch.min, seq.min), (batch.opt, seq.opt), (batch.max, seq.max)) for name in input_names}
