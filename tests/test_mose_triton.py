@@ -8,11 +8,6 @@ With CUDA the same tests run compiled.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
@@ -22,6 +17,7 @@ from mosear_fast.kernels.mose.function import mose_lora_triton
 from mosear_fast.kernels.mose.reference import mose_lora_reference
 from mosear_fast.tolerances import assert_close, rel_error
 from tests.cases import make_mose_inputs
+from tests.triton_compile import compile_kernels
 
 GRAD_NAMES = ("x", "gate", "A", "B", "out")
 
@@ -364,10 +360,7 @@ def test_fused_linear_refuses_trainable_base(device):
 # Real compilation without a GPU: the interpreter accepts code the compiler rejects
 # ------------------------------------------------------------------------------------------------
 
-_COMPILE_SCRIPT = textwrap.dedent("""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+_COMPILE_SCRIPT = """
     from mosear_fast.kernels.mose import fused_linear as FL, launch, triton_kernels as K
 
     IDX = dict(order_ptr="*i64", modality_ptr="*i32", expert_ptr="*i32", gate_ptr="*fp32",
@@ -392,24 +385,12 @@ _COMPILE_SCRIPT = textwrap.dedent("""
              dict(BLOCK_N=bn, BLOCK_K=bn)),
         ]
         for fn, pointers, consts in jobs:
-            consts = {k: v for k, v in dict(blocks, **consts).items() if k in fn.arg_names}
-            types = dict(IDX, **pointers)
-            sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
-            triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                           options={"num_warps": launch._NUM_WARPS})
-            print("compiled", fn.__name__)
-""")
+            compile_sm90(fn, dict(IDX, **pointers), dict(blocks, **consts), launch._NUM_WARPS)
+"""
 
 
 @pytest.mark.slow
 def test_kernels_compile_for_sm90():
     """Every kernel goes through Triton's real pipeline (TTIR to cubin, sm_90) in a process without
     the interpreter: needs the triton package's bundled ptxas, not a GPU."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=300)
-    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
-        pytest.skip("no ptxas in this triton installation")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.count("compiled") == 16
+    compile_kernels(_COMPILE_SCRIPT, expected=16)
