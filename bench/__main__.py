@@ -14,8 +14,10 @@ import sys
 
 import torch
 
+from mosear_fast.atomic import atomic_write_text
+
 from . import presets
-from .environment import describe, write_text_atomic
+from .environment import describe
 from .registry import FLOORS, providers
 from .timing import measure
 
@@ -107,7 +109,7 @@ def main(argv=None) -> int:
         return 2
     out = args.out or os.path.join(os.path.dirname(__file__), "results",
                                    f"{args.op}-{args.preset}-{args.mode}-{device.type}.json")
-    write_text_atomic(out, json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     print(f"wrote {out} ({result['environment']['device']}, torch {result['environment']['torch']})")
     return 0
 

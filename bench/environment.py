@@ -6,9 +6,10 @@ import datetime
 import os
 import platform
 import subprocess
-import tempfile
 
 import torch
+
+from mosear_fast.atomic import atomic_write_text
 
 
 def _commit() -> str | None:
@@ -37,16 +38,5 @@ def describe(device: torch.device) -> dict:
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
 
-def write_text_atomic(path: str, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary file in the same folder, then a rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+# Writes of results go through the package's one atomic writer (temp file, then rename).
+write_text_atomic = atomic_write_text

@@ -85,6 +85,15 @@ class MoSEAdapter(nn.Module):
         self.update_norm_ema.zero_()
         self.modality_weight.fill_(1.0)
 
+    def __getstate__(self):
+        # The regularizers of the last forward belong to that forward's autograd graph: a copy (or a
+        # pickle) of the adapter starts without them, as a fresh adapter does.
+        state = dict(self.__dict__)
+        state["last_regularizers"] = None
+        state["_measured_scale"] = None
+        state["_measured_forward"] = None
+        return state
+
     def extra_repr(self) -> str:
         return (f"d_in={self.d_in}, d_out={self.d_out}, adapted={self.adapted}, r={self.rank}, "
                 f"experts={self.num_experts}, top_k={self.top_k}, routing={self.routing!r}")
@@ -122,7 +131,7 @@ class MoSEAdapter(nn.Module):
             update = mose_lora(adapter_in, slot, expert, gate, A, B, scale)
             y = base.to(x.dtype) + update
             if not rerun:
-                self._measured_forward, self._measured_scale = forward_id, scale
+                self._measured_forward, self._measured_scale = forward_id, scale.detach()
                 self._update_dynamic_weights(update.detach(), slot, scale)
         else:
             y = mose_lora(adapter_in, slot, expert, gate, A, B, scale, out=base.to(x.dtype))

@@ -1,29 +1,31 @@
-"""mosear-demo on its built-in default (the README's first command) and its pieces."""
+"""mosear-demo (the README's first command) in its quick mode: runs, writes its outputs, is
+deterministic by seed."""
 
-import torch
+import json
 
-from mosear_fast import demo
+from mosear_fast.training import demo
+from mosear_fast.training.demo import VARIANTS
 
 
-def test_demo_runs_and_prints_the_table(capsys):
-    assert demo.main(["--visual", "40", "--text", "8"]) == 0
+def test_quick_demo_writes_table_chart_and_adapter(tmp_path, capsys):
+    assert demo.main(["--quick", "--no-progress", "--out", str(tmp_path / "a")]) == 0
     out = capsys.readouterr().out
-    for name in ("text", "visual", "audio", "share before AR", "share after AR", "MoSE update norm"):
+    for name in (*VARIANTS, "video-al.", "audio-al.", "consist.", "gap", "visual att.", "audio att."):
         assert name in out
-
-
-def test_after_ar_shares_are_closer_to_balance():
-    g = torch.Generator().manual_seed(0)
-    layout = demo.build_prompt_layout(8, 64, 2)
-    q, k, _ = demo.audio_biased_attention_inputs(layout, heads=4, head_dim=32, audio_pull=1.2, generator=g)
-    before, after = demo.attention_shares(q, k, layout[None], strength=0.5, backend="torch")
-    assert before[2] > before[1]  # audio-biased
-    assert abs(after[2] - after[1]) < abs(before[2] - before[1])
-    assert torch.allclose(after.sum(), torch.tensor(1.0), atol=1e-5)
-    assert torch.allclose(after[0], before[0], atol=1e-6)  # text is not a balance modality
+    results = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert list(results["variants"]) == list(VARIANTS)
+    for report in results["variants"].values():
+        assert report["conflict_gap"] is not None
+        assert set(report["attention_share"]["consistent"]) == {"text", "visual", "audio"}
+    assert (tmp_path / "a" / "demo.png").stat().st_size > 0
+    assert (tmp_path / "a" / "mose" / "adapter.safetensors").is_file()
+    # same seed, same numbers
+    assert demo.main(["--quick", "--no-progress", "--out", str(tmp_path / "b")]) == 0
+    again = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert again["variants"] == results["variants"]
 
 
 def test_demo_bad_argument_is_one_line_error(capsys):
-    assert demo.main(["--strength", "3"]) == 2
+    assert demo.main(["--quick", "--ar-strength", "3"]) == 2
     err = capsys.readouterr().err
-    assert "strength" in err and "Traceback" not in err
+    assert "ar-strength" in err and "Traceback" not in err

@@ -252,3 +252,18 @@ def test_modality_shape_must_match_the_input():
         layer(torch.randn(2, 5, 8), modality=torch.zeros(2, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="modality"):
         layer(torch.randn(2, 5, 8))  # no ids and no model context
+
+
+def test_a_layer_can_be_copied_after_a_training_forward():
+    """The last forward's graph (regularizers, measured scale) is not part of a copy."""
+    import copy
+
+    layer = make_layer(load_balance_coef=0.1, z_loss_coef=0.01)
+    layer.train()
+    x, modality = torch.randn(10, 8), torch.tensor([0, 1, 2, 1, 2, 0, 1, 2, 1, 2])
+    layer(x, modality=modality)
+    assert layer.mose_adapter["default"].last_regularizers is not None
+    twin = copy.deepcopy(layer)
+    assert twin.mose_adapter["default"].last_regularizers is None
+    layer.eval(), twin.eval()
+    assert torch.equal(twin(x, modality=modality), layer(x, modality=modality))

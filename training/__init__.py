@@ -1,7 +1,10 @@
-"""Training side of mosear-fast: data sets, the CA-MER protocol and its metrics, ``mosear-eval``.
+"""Training side of mosear-fast: data sets, the CA-MER protocol and its metrics, ``mosear-eval``,
+MoSE fitting (``MoSETrainer``, ``mosear-train``), ``load_trained`` and the demo.
 
-Importable without transformers (the model-facing modules import it themselves).
+Importable without transformers: the fitting names below are imported on first use.
 """
+
+import importlib
 
 from .camer import (
     AUDIO_ALIGNED,
@@ -41,4 +44,22 @@ __all__ = [
     "read_manifest",
     "score_label_sets",
     "to_sequence",
+    *(_LAZY := {
+        "MoSETrainer": "trainer",
+        "freeze_all_but_adapters": "trainer",
+        "fit_mose": "fit",
+        "prepare_mose": "fit",
+        "default_training_arguments": "fit",
+        "load_trained": "trained_folder",
+        "load_backbone": "trained_folder",
+        "AVCollator": "av_batches",
+    }),
 ]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-from .atomic import atomic_path, atomic_write_text
+from mosear_fast.atomic import atomic_path, atomic_write_text
+
 from .camer import SUBSETS
 
 METRICS = ("accuracy", "recall", "mean")

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from .atomic import atomic_save_tensors
+from mosear_fast.atomic import atomic_save_tensors
+
 from .jsonl import read_jsonl, write_jsonl
 from .labels import EMOTIONS, normalize_label
 

@@ -15,7 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-from .atomic import atomic_write_text
+from mosear_fast.atomic import atomic_write_text
+
 from .camer import SUBSETS
 from .camer_report import write_chart, write_markdown
 from .camer_rows import evaluate_rows

@@ -7,7 +7,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from .atomic import atomic_write_text
+from mosear_fast.atomic import atomic_write_text
 
 
 class JsonlError(ValueError):

@@ -1,0 +1,61 @@
+"""Fitting MoSE on a frozen backbone: the steps ``mosear-train`` and the demo share.
+
+``prepare_mose`` installs the adapters (seeded, so every rank and every rerun starts from the same
+adapter) and freezes everything else; ``fit_mose`` runs ``MoSETrainer`` and writes the output
+folder (format: ``trained_folder``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .av_batches import AVCollator
+from .trained_folder import BACKBONE_FILE, folder_files, write_json
+from .trainer import MoSETrainer, freeze_all_but_adapters
+
+
+def prepare_mose(model, mose, *, seed: int = 0):
+    """``apply_mosear(model.llm, mose=mose)`` with adapter initialisation drawn from ``seed``; only the
+    adapters train. Returns the model (in place)."""
+    from mosear_fast import apply_mosear
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        apply_mosear(model.llm, mose=mose)
+    freeze_all_but_adapters(model)
+    return model
+
+
+def fit_mose(model, train_dataset, args, *, mose, ar=None, backbone: dict, eval_dataset=None,
+             resume_from_checkpoint: str | bool | None = None, callbacks=None) -> MoSETrainer:
+    """Train the adapters of a ``prepare_mose``'d model with ``args`` (transformers TrainingArguments),
+    then write the output folder ``args.output_dir``. ``backbone``: the reference written as
+    ``backbone.json`` (weights path relative to the output folder; checkpoints get it relative to
+    theirs). Returns the trainer (its ``state.log_history`` has the logs)."""
+    checkpoint_backbone = dict(backbone)
+    if backbone.get("weights"):
+        checkpoint_backbone["weights"] = f"../{backbone['weights']}"
+    trainer = MoSETrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                          data_collator=AVCollator(), modalities=mose.modalities, llm=model.llm,
+                          folder_files=folder_files(mose, ar, checkpoint_backbone), callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    trainer.save_model(args.output_dir)
+    if trainer.args.should_save:
+        write_json(Path(args.output_dir) / BACKBONE_FILE, backbone)
+        trainer.save_state()
+    return trainer
+
+
+def default_training_arguments(output_dir: str | os.PathLike, **overrides):
+    """TrainingArguments with this project's defaults: no external loggers, no pickled extras, the
+    seedable sampler (same data order for 1 and N processes), CPU when there is no GPU."""
+    from transformers import TrainingArguments
+
+    settings = dict(output_dir=str(output_dir), report_to="none", remove_unused_columns=False,
+                    save_strategy="no", logging_steps=10, dataloader_pin_memory=False,
+                    use_cpu=not torch.cuda.is_available(), disable_tqdm=True, ddp_find_unused_parameters=False)
+    settings.update(overrides)
+    return TrainingArguments(**settings)

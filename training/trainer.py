@@ -1,0 +1,130 @@
+"""``MoSETrainer``: transformers' Trainer fitting MoSE adapters on a frozen backbone.
+
+What it adds to ``transformers.Trainer`` (everything else -- mixed precision, gradient
+accumulation, schedulers, checkpoint rotation, resume, DDP/FSDP through accelerate and torchrun --
+is the Trainer's own):
+
+- the loss is the model's task loss plus ``aux_loss`` (load balance + router z-loss, DESIGN 2.1);
+  the dynamic modality weights update inside each training forward (the adapters do it);
+- in a distributed run the update-norm EMAs are averaged over ranks after every micro-step, so all
+  ranks use the same ``w_m`` (``adapter_state.sync_dynamic_weights``);
+- logs: ``task_loss``, ``aux_loss``, per-modality weights, expert load and (with AR) attention shares;
+- checkpoints hold the adapter only (``adapter.safetensors``, dynamic-weight buffers included), the
+  JSON files given as ``folder_files`` (configs, backbone reference), ``training_args.json`` and the
+  Trainer's own resume state (``trainer_state.json``, ``optimizer.pt``, ``scheduler.pt``,
+  ``rng_state.pth``: written by the Trainer with ``torch.save`` of tensors and plain values, read back
+  with ``torch.load(weights_only=True)``). No pickled model, no pickled ``TrainingArguments``.
+
+The model is any ``nn.Module`` whose forward returns an output with ``loss`` and whose MoSE layers
+come from ``apply_mosear``; only adapter parameters should require grad (``freeze_all_but_adapters``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+
+from transformers import Trainer
+
+from mosear_fast.atomic import atomic_write_text
+
+from .adapter_state import ADAPTER_FILE, ADAPTER_MARK, load_adapter, save_adapter, sync_dynamic_weights
+from .mose_stats import MoSEStats, mean_attention_shares
+
+TRAINING_ARGS_FILE = "training_args.json"
+
+
+def freeze_all_but_adapters(model) -> int:
+    """Set ``requires_grad`` on the MoSE adapter parameters only; returns how many tensors train."""
+    n = 0
+    for name, p in model.named_parameters():
+        trainable = ADAPTER_MARK in f".{name}"
+        p.requires_grad_(trainable)
+        n += trainable
+    if n == 0:
+        raise ValueError("model: no MoSE adapter parameters to train; call apply_mosear(model, "
+                         "mose=MoSEConfig(...)) on its transformers decoder first")
+    return n
+
+
+class MoSETrainer(Trainer):
+    """``Trainer`` + MoSE auxiliary loss, dynamic-weight sync, MoSE logging, adapter-only checkpoints.
+
+    Extra keyword arguments: ``modalities`` (names, ids by position; for the logs), ``llm`` (the
+    transformers module MoSE/AR were applied to, for attention shares; default: the model),
+    ``folder_files`` ({file name: JSON-able dict} written into every checkpoint and the final save).
+    """
+
+    def __init__(self, *args, modalities=("text", "visual", "audio"), llm=None,
+                 folder_files: Mapping[str, dict] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.modalities = tuple(modalities)
+        self._llm = llm
+        self.folder_files = dict(folder_files or {})
+        self._stats = MoSEStats(self.model, self.modalities)
+        self._sums = {"task_loss": 0.0, "aux_loss": 0.0}
+        self._n_sums = 0
+
+    # ---- loss ------------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        from mosear_fast import aux_loss
+
+        task, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                             num_items_in_batch=num_items_in_batch)
+        if not model.training:  # evaluation: the task loss alone
+            return (task, outputs) if return_outputs else task
+        aux = aux_loss(self.accelerator.unwrap_model(model))
+        self._sums["task_loss"] += float(task.detach())
+        self._sums["aux_loss"] += float(aux.detach())
+        self._n_sums += 1
+        loss = task + aux.to(task.dtype)
+        return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        sync_dynamic_weights(self.accelerator.unwrap_model(model))  # before the next forward uses w_m
+        return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._n_sums:  # a training log: add what this window saw
+            for key, total in self._sums.items():
+                logs[key] = round(total / self._n_sums, 6)
+            self._sums = dict.fromkeys(self._sums, 0.0)
+            self._n_sums = 0
+            llm = self._llm if self._llm is not None else self.model
+            logs.update(self._stats.pop_logs(mean_attention_shares(llm, self.modalities)))
+        super().log(logs, start_time)
+
+    # ---- checkpoints: the adapter only -----------------------------------------------------------
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        # FSDP passes the gathered full state dict; otherwise the (unwrapped) model has it.
+        source = state_dict if state_dict is not None else self.accelerator.unwrap_model(self.model)
+        save_adapter(os.path.join(output_dir, ADAPTER_FILE), source, metadata={"format": "pt"})
+        for name, content in self.folder_files.items():
+            atomic_write_text(os.path.join(output_dir, name), json.dumps(content, indent=2) + "\n")
+        atomic_write_text(os.path.join(output_dir, TRAINING_ARGS_FILE), self.args.to_json_string() + "\n")
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        path = os.path.join(resume_from_checkpoint, ADAPTER_FILE)
+        if not os.path.isfile(path):
+            raise ValueError(f"resume_from_checkpoint: {resume_from_checkpoint} has no {ADAPTER_FILE}; expected "
+                             "a checkpoint folder written by MoSETrainer")
+        load_adapter(self.accelerator.unwrap_model(model if model is not None else self.model), path)
+
+    def _load_best_model(self) -> None:
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
+
+
+def is_main_process() -> bool:
+    """True outside torch.distributed, and on rank 0 inside it."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
