@@ -9,8 +9,6 @@ import subprocess
 
 import torch
 
-from mosear_fast.atomic import atomic_write_text
-
 
 def _commit() -> str | None:
     try:
@@ -36,7 +34,3 @@ def describe(device: torch.device) -> dict:
     return dict(device=name, device_type=device.type, torch=torch.__version__, triton=triton_version,
                 cuda=torch.version.cuda, python=platform.python_version(), commit=_commit(),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-
-
-# Writes of results go through the package's one atomic writer (temp file, then rename).
-write_text_atomic = atomic_write_text

@@ -64,12 +64,18 @@ def check_modality_ids(modality_ids, *, batch: int, num_modalities: int,
     if modality_ids.dim() != 2 or modality_ids.shape[0] != batch:
         raise ValueError(f"{name}: expected shape (B={batch}, T) like input_ids / inputs_embeds[..., 0], "
                          f"got {tuple(modality_ids.shape)}")
-    if modality_ids.numel() > 0 and not is_exporting():  # the range check reads values: not in a traced graph
+    check_modality_range(modality_ids, num_modalities, name=name)
+    return modality_ids.long()
+
+
+def check_modality_range(modality_ids: torch.Tensor, num_modalities: int, *, name: str = "modality_ids") -> None:
+    """Ids in [-1, M). Reads the values (a host sync on CUDA): done once per model call, skipped
+    while a graph is traced."""
+    if modality_ids.numel() > 0 and not is_exporting():
         lo, hi = int(modality_ids.min()), int(modality_ids.max())
         if lo < -1 or hi >= num_modalities:
             raise ValueError(f"{name}: expected ids in [-1, {num_modalities}) (modalities of the config), "
                              f"got values in [{lo}, {hi}]")
-    return modality_ids.long()
 
 
 def modality_ids_from_spans(spans, length: int, *, modalities: Sequence[str] = DEFAULT_MODALITIES,

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .modality import check_modality_range
 from .ops import mose_lora
 
 
@@ -128,13 +129,13 @@ class MoSEAdapter(nn.Module):
             scale = self._measured_scale
         if measure:
             # The update alone, to measure its norm before s * w_m (one mose_lora call either way).
-            update = mose_lora(adapter_in, slot, expert, gate, A, B, scale)
+            update = mose_lora(adapter_in, slot, expert, gate, A, B, scale, validate=False)
             y = base.to(x.dtype) + update
             if not rerun:
                 self._measured_forward, self._measured_scale = forward_id, scale.detach()
                 self._update_dynamic_weights(update.detach(), slot, scale)
         else:
-            y = mose_lora(adapter_in, slot, expert, gate, A, B, scale, out=base.to(x.dtype))
+            y = mose_lora(adapter_in, slot, expert, gate, A, B, scale, out=base.to(x.dtype), validate=False)
 
         self.last_regularizers = self._regularizers(unit_logits, unit_slot) if self.training else None
         return y
@@ -270,6 +271,8 @@ class MoSELinear(nn.Module):
             got = tuple(modality.shape) if isinstance(modality, torch.Tensor) else type(modality).__name__
             raise ValueError(f"modality: expected ids of shape {tuple(x.shape[:-1])} (x.shape[:-1]), got "
                              f"{got}")
+        if forward_id is None:  # ids given directly; a model checks its ids once at entry instead
+            check_modality_range(modality, adapter.num_modalities, name="modality")
         if x.dim() >= 3 and adapter.routing == "sequence":  # (B, T, d): the samples of the routing units
             n_samples = int(math.prod(x.shape[:-2]))
             sample = torch.arange(n_samples, device=x.device).repeat_interleave(x.shape[-2])

@@ -6,11 +6,15 @@ allocated poisoned (NaN) so that an element a kernel forgets to write fails its 
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"
+import torch  # does not import triton
+
+# Without CUDA the Triton kernels run through the interpreter on CPU tensors; with CUDA the same
+# tests run compiled. Either way this must happen before anything imports triton.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 os.environ["MOSEAR_POISON_OUTPUTS"] = "1"
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 # Backends every op test runs on. Triton runs through the interpreter on CPU tensors here,
 # compiled when CUDA is present (see `device` below).

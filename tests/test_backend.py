@@ -24,7 +24,8 @@ def test_triton_on_cpu_needs_the_interpreter(op, monkeypatch):
         with pytest.raises(NotImplementedError, match="backend"):
             dispatch.resolve_backend(op, "triton", torch.device("cpu"))
         return
-    assert dispatch.resolve_backend(op, "triton", torch.device("cpu")) == "triton"  # TRITON_INTERPRET=1
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert dispatch.resolve_backend(op, "triton", torch.device("cpu")) == "triton"
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         dispatch.resolve_backend(op, "triton", torch.device("cpu"))

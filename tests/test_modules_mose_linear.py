@@ -267,3 +267,9 @@ def test_a_layer_can_be_copied_after_a_training_forward():
     assert twin.mose_adapter["default"].last_regularizers is None
     layer.eval(), twin.eval()
     assert torch.equal(twin(x, modality=modality), layer(x, modality=modality))
+
+
+def test_directly_given_ids_out_of_range_raise():
+    layer = make_layer()
+    with pytest.raises(ValueError, match="modality"):
+        layer(torch.randn(4, 8), modality=torch.tensor([0, 1, 3, -1]))
