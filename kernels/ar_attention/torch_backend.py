@@ -25,9 +25,12 @@ from torch.utils.checkpoint import checkpoint
 
 from ..alloc import empty_output
 
-# Budget for the per-chunk temporaries (float32 scores, probabilities and weights).
-_CHUNK_BYTES = 128 * 2**20
-_BYTES_PER_SCORE = 16  # ~4 live float32 tensors of the chunk's score shape
+# Query rows per chunk: the chunk's float32 scores (B * Hq * rows * Lk) should stay near the CPU's
+# cache size (measured on 2 cores: 64-128 rows at Lk = 512 and 32 at Lk = 2048 beat larger chunks by
+# 2-3x), and its temporaries (~4 live tensors of that shape) within a fixed memory bound.
+_CHUNK_CACHE_BYTES = 2 * 2**20
+_CHUNK_MAX_BYTES = 128 * 2**20
+_BYTES_PER_SCORE = 16
 
 
 def reallocate_masses(mass, has_key, *, in_balance, tau, strength, threshold, selected):
@@ -49,8 +52,10 @@ def reallocate_masses(mass, has_key, *, in_balance, tau, strength, threshold, se
 
 
 def _chunk_size(batch, n_q_heads, len_k, len_q):
-    per_query = max(1, batch * n_q_heads * len_k * _BYTES_PER_SCORE)
-    return max(1, min(len_q, _CHUNK_BYTES // per_query))
+    row_bytes = max(1, batch * n_q_heads * len_k * 4)
+    rows = min(128, max(16, _CHUNK_CACHE_BYTES // row_bytes))
+    rows = min(rows, max(1, _CHUNK_MAX_BYTES // (row_bytes * _BYTES_PER_SCORE // 4)))
+    return max(1, min(len_q, rows))
 
 
 def ar_attention_torch(
@@ -128,27 +133,25 @@ def _attend_chunk(q_c, k32, v32, key_class, key_valid, bias, *, first_query_pos,
     """One query chunk: returns (o float32 [B, Hkv, G, c, D], masses float32 [B, Hkv, G, c, M])."""
     batch, n_kv_heads, group, n_rows, head_dim = q_c.shape
     len_k = k32.shape[2]
-    q32 = q_c.to(torch.float32).reshape(batch, n_kv_heads, group * n_rows, head_dim)
+    q32 = q_c.to(torch.float32).reshape(batch, n_kv_heads, group * n_rows, head_dim) * scale
     scores = (q32 @ k32.transpose(-1, -2)).view(batch, n_kv_heads, group, n_rows, len_k)  # [B,Hkv,G,c,Lk]
-    scores = scores * scale
     visible = key_valid[:, None, None, None, :]  # [B,1,1,1,Lk]
     if causal:
         query_pos = first_query_pos + torch.arange(n_rows, device=q_c.device)
         visible = visible & (torch.arange(len_k, device=q_c.device) <= query_pos[:, None])  # [.., c, Lk]
     scores = scores.masked_fill(~visible, -float("inf"))
+    one_hot = torch.nn.functional.one_hot(key_class, n_mod + 1)[..., :n_mod].to(torch.float32)  # [B,Lk,M]
+    one_hot = one_hot[:, None, None]  # [B,1,1,Lk,M]; padding keys have no modality
+    has_key = (visible.to(torch.float32) @ one_hot) > 0  # [B,1,1,c|1,M] modality has a visible key
 
-    # Per-modality running max (constant shifts: detached, the gradient is unchanged).
-    index = key_class[:, None, None, None, :].expand_as(scores)
-    class_max = torch.full((*scores.shape[:-1], n_mod + 1), -float("inf"), device=scores.device)
-    class_max = class_max.scatter_reduce(-1, index, scores.detach(), reduce="amax")  # [.., M+1]
-    has_key = torch.isfinite(class_max)
-    class_max = torch.where(has_key, class_max, torch.zeros_like(class_max))
-    p = torch.exp(scores - class_max.gather(-1, index))  # 0 where invisible; <= 1
-    class_sum = torch.zeros_like(class_max).scatter_add(-1, index, p)  # [.., M+1], >= 1 where has_key
+    # Probabilities relative to one shift per row; each modality's own max only when a modality
+    # with visible keys underflows against the row's max (then its mean would lose precision).
+    p, class_max, class_sum = _row_max_probs(scores, one_hot, n_mod)
+    if bool((has_key & (class_sum < _UNDERFLOW)).any()):
+        p, class_max, class_sum = _modality_max_probs(scores, key_class, n_mod)
 
-    # Pre-reallocation masses from the per-modality sums, all relative to the global max.
-    has_key, class_sum = has_key[..., :n_mod], class_sum[..., :n_mod]
-    class_max = class_max[..., :n_mod] + bias  # the static bias shifts a modality's whole softmax
+    # Pre-reallocation masses, all relative to the global max; the static bias shifts a whole modality.
+    class_max = class_max + bias
     global_max = torch.where(has_key, class_max, torch.full_like(class_max, -float("inf"))).amax(-1, True)
     global_max = torch.where(torch.isfinite(global_max), global_max, torch.zeros_like(global_max))
     z = torch.where(has_key, class_sum * torch.exp(class_max - global_max), torch.zeros_like(class_sum))
@@ -159,7 +162,30 @@ def _attend_chunk(q_c, k32, v32, key_class, key_valid, bias, *, first_query_pos,
     new_mass = reallocate_masses(mass, has_key, in_balance=in_balance, tau=tau, strength=strength,
                                  threshold=threshold, selected=selected)
     per_class = torch.where(has_key, new_mass / class_sum.clamp_min(1e-30), torch.zeros_like(new_mass))
-    per_class = torch.cat([per_class, per_class.new_zeros(*per_class.shape[:-1], 1)], dim=-1)
-    weights = p * per_class.gather(-1, index)  # [B,Hkv,G,c,Lk]
+    weights = p * (per_class @ one_hot.transpose(-1, -2))  # [B,Hkv,G,c,Lk]: P'_m / l_m on each key of m
     o = weights.view(batch, n_kv_heads, group * n_rows, len_k) @ v32  # [B,Hkv,G*c,D]
     return o.view(batch, n_kv_heads, group, n_rows, head_dim), mass
+
+
+# A modality's probability sum below this (relative to its row's max) is recomputed under the
+# modality's own max: its mean of v would otherwise be built from denormal probabilities.
+_UNDERFLOW = 1e-30
+
+
+def _row_max_probs(scores, one_hot, n_mod):
+    """p = exp(s - row max) and, per modality, the shift used (the row max) and sum of p (matmuls)."""
+    row_max = scores.detach().amax(-1, keepdim=True)  # a constant shift: the gradient is unchanged
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    p = torch.exp(scores - row_max)  # 0 where invisible
+    return p, row_max.expand(*row_max.shape[:-1], n_mod), p @ one_hot
+
+
+def _modality_max_probs(scores, key_class, n_mod):
+    """p_j = exp(s_j - max of j's modality): each modality's own shift and sum (the exact path)."""
+    index = key_class[:, None, None, None, :].expand_as(scores)
+    class_max = torch.full((*scores.shape[:-1], n_mod + 1), -float("inf"), device=scores.device)
+    class_max = class_max.scatter_reduce(-1, index, scores.detach(), reduce="amax")  # [.., M+1]
+    class_max = torch.where(torch.isfinite(class_max), class_max, torch.zeros_like(class_max))
+    p = torch.exp(scores - class_max.gather(-1, index))  # 0 where invisible; <= 1
+    class_sum = torch.zeros_like(class_max).scatter_add(-1, index, p)  # [.., M+1]
+    return p, class_max[..., :n_mod], class_sum[..., :n_mod]
