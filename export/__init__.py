@@ -1,8 +1,17 @@
 """Export of MoSEAR models to ONNX and TensorRT (``mosear-export``).
 
 - ``export(source, out_dir, **options) -> report``: the graph, its checks and files (``pipeline.py``);
-- ``load_source(source) -> (module, example_inputs)``: the exact module that is exported (``sources.py``);
+- ``load_source(source, adapter=None) -> (module, example_inputs)``: the exact module that is exported
+  (``sources.py``);
+- ``build_demo_model(seed=0) -> model``: the ``"demo"`` source's model;
 - ``tensorrt_lint(onnx_path, trt_version=None) -> problems``: TensorRT parser support, no TensorRT needed.
+
+Sources: ``"demo"`` (the built-in audio-visual LM the demo trains, with the demo's MoSE adapters and
+AR; ``mosear_fast.demo_config``), a ``mosear-train`` output folder (read by ``mosear_fast.trained``,
+the reader training uses too), a Hugging Face causal-LM folder with ``adapter=`` a PEFT MoSE adapter
+folder, or a prepared ``nn.Module``. The audio-visual model's graph takes ``input_ids``, ``visual``,
+``audio`` and ``attention_mask`` (modality ids derived from the placeholder tokens); a causal LM's
+takes ``input_ids``, ``attention_mask`` and ``modality_ids``. See ``sources.py``.
 """
 
 from .lint import tensorrt_lint

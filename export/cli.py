@@ -1,7 +1,27 @@
 """``mosear-export``: a MoSEAR model to ONNX (and a TensorRT engine), validated against PyTorch.
 
     mosear-export demo --out exported/
-    mosear-export path/to/hf_model --adapter path/to/mose_adapter --out exported/ --dtype fp16
+    mosear-export demo-output/mose --out exported/ --dtype fp16
+    mosear-export path/to/hf_model --adapter path/to/mose_adapter --out exported/
+
+SOURCE is one of:
+
+  demo           the built-in default model, the one mosear-demo trains: the audio-visual LM
+                 (mosear_fast.av_model) with the demo's MoSE adapters and AR, weights drawn from a seed
+  FOLDER         a mosear-train output folder (backbone.json, adapter.safetensors, mose_config.json,
+                 ar_config.json), e.g. mosear-demo's demo-output/mose/ (the trained demo model), or one
+                 of its checkpoint-<step> folders
+  FOLDER --adapter DIR
+                 a Hugging Face causal-LM folder (config.json) with a PEFT MoSE adapter folder
+                 (save_pretrained; an ar_config.json in it turns AR on)
+
+Graph inputs. The audio-visual model (demo, mosear-train folders): input_ids (batch, seq) int64 with
+the visual/audio placeholder tokens, visual (batch, Nv, Fv) and audio (batch, Na, Fa) float32
+features, attention_mask (batch, seq) int64; the modality ids are derived in the graph from the
+placeholders. Nv and Na are fixed by the model; seq (the text around them, and left padding) may
+vary, from Nv + Na up. A Hugging Face model: input_ids, attention_mask, modality_ids, each
+(batch, seq) int64. Output: logits (batch, seq, vocab). export_config.json lists every input with its
+dtype, shape (named dynamic axes) and valid values.
 
 Exit status: 0 exported; 1 validation failed (a shape or output-name mismatch, a runtime failure,
 or with --strict a tolerance miss); 2 unusable arguments, source or output folder. Errors are one line
@@ -19,11 +39,12 @@ PROG = "mosear-export"
 def build_parser() -> argparse.ArgumentParser:
     from .graph import DEFAULT_OPSET, DTYPES
     from .pipeline import FORMATS
-    from .shapes import DEFAULT_BATCH, DEFAULT_SEQ
+    from .shapes import DEFAULT_BATCH
+    from .sources import CAUSAL_LM_SEQ
 
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", metavar="SOURCE", help="'demo' (the built-in model), a mosear-train output folder, "
-                   "or a Hugging Face model folder together with --adapter")
+    p.add_argument("source", metavar="SOURCE", help="'demo' (the built-in model the demo trains), a mosear-train "
+                   "output folder, or a Hugging Face model folder together with --adapter")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (must not exist unless --overwrite)")
     p.add_argument("--adapter", metavar="DIR", help="MoSE adapter folder (PEFT save_pretrained) for a HF SOURCE")
     p.add_argument("--format", default="onnx", choices=FORMATS, help="what to write (default onnx)")
@@ -31,8 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, 18-24 (default {DEFAULT_OPSET})")
     p.add_argument("--batch", default=DEFAULT_BATCH, metavar="MIN:OPT:MAX",
                    help=f"batch sizes the graph accepts (default {DEFAULT_BATCH})")
-    p.add_argument("--seq", default=DEFAULT_SEQ, metavar="MIN:OPT:MAX",
-                   help=f"sequence lengths the graph accepts (default {DEFAULT_SEQ})")
+    p.add_argument("--seq", default=None, metavar="MIN:OPT:MAX",
+                   help="sequence lengths the graph accepts (default: the source's; the audio-visual model: "
+                   "Nv+Na+1 : its standard prompt length : 128, 34:40:128 for demo; a Hugging Face model: "
+                   f"{CAUSAL_LM_SEQ})")
     p.add_argument("--atol", type=float, help="bound on the largest elementwise |onnx - torch| (default: unchecked)")
     p.add_argument("--rtol", type=float, help="bound on ||onnx - torch|| / ||torch|| (default: the dtype's "
                    "tolerance, fp32 1e-5, fp16 5e-3, bf16 1e-2)")

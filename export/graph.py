@@ -1,10 +1,17 @@
-"""The ONNX graph: torch.onnx.export (dynamo) of the ExportModule, dynamic (batch, seq) axes, dtype.
+"""The ONNX graph: torch.onnx.export (dynamo) of the ExportModule, its dynamic axes and dtype.
+
+Every input's shape comes from the module's ``input_specs``: the axes named "batch" and "seq" are
+dynamic over their ranges (``--batch``, ``--seq``), integer sizes are fixed (the audio-visual model's
+placeholder counts and feature widths).
 
 While the tracer runs, ``mose_lora`` and ``ar_attention`` switch to their static-shape forms
 (``mosear_fast.backend``), so the graph holds TopK, one-hot gates and stacked MatMuls for MoSE and
 MatMul/Exp/ReduceMax/Where for AR: no NonZero, no ScatterND with a reduction, no data-dependent
 shape. Low-precision graphs keep the router's softmax and TopK in float32 (the module computes
 them in float32), which TensorRT's strongly typed networks and onnxruntime's CPU TopK both need.
+Integer clamps and cumulative sums (the modules' id clamps; the audio-visual model's placeholder
+ranks and positions) are rewritten before translation (``STATIC_DECOMPOSITIONS``), as TensorRT parses
+Clip and CumSum for float inputs only.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import onnx
 import torch
 
 from .shapes import AxisRange, trace_size
-from .sources import ExportModule, example_inputs, input_specs
+from .sources import ExportModule, InputSpec, example_inputs, input_specs
 from .support import check_exportable
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -42,13 +49,27 @@ def _bound(x, value):
 
 
 def _clamp_by_max_min(x, min=None, max=None):  # noqa: A002  (aten's argument names)
-    """``clamp`` as Max/Min: the exporter writes Clip, which TensorRT parses for float inputs only, and
-    the modules clamp integer ids (``modality.clamp_min(0)``). Max/Min take every type, NaN propagates alike."""
+    """``clamp`` as Max/Min (float) or Where (integer): the exporter writes Clip, which TensorRT parses for
+    float inputs only, and the modules clamp integer ids (``modality.clamp_min(0)``, the audio-visual
+    model's placeholder ranks). Integer bounds go through Where because the graph optimiser fuses a
+    Max/Min pair back into Clip. Max/Min propagate NaN as clamp does."""
+    integer = not (x.dtype.is_floating_point or x.dtype.is_complex)
     if min is not None:
-        x = torch.maximum(x, _bound(x, min))
+        x = torch.where(x < min, _bound(x, min), x) if integer else torch.maximum(x, _bound(x, min))
     if max is not None:
-        x = torch.minimum(x, _bound(x, max))
+        x = torch.where(x > max, _bound(x, max), x) if integer else torch.minimum(x, _bound(x, max))
     return x
+
+
+def _integer_cumsum_in_float(x, dim, dtype=None):
+    """An integer or bool ``cumsum`` computed in float32 and cast back: TensorRT's CumSum takes float
+    inputs only. Exact while the partial sums stay below 2**24 in magnitude, as the modules' sums do:
+    they count tokens (placeholder ranks, positions from the attention mask). Float cumsum is kept."""
+    if x.dtype.is_floating_point or x.dtype.is_complex:
+        return NotImplemented  # not decomposed: the exporter's own CumSum
+    out_dtype = dtype if dtype is not None else (torch.int64 if x.dtype in (torch.bool, torch.int8, torch.uint8,
+                                                                            torch.int16, torch.int32) else x.dtype)
+    return x.to(torch.float32).cumsum(dim).to(out_dtype)
 
 
 # Applied to the traced program before ONNX translation (only these ops; the exporter decomposes the rest).
@@ -57,6 +78,7 @@ STATIC_DECOMPOSITIONS = {
     torch.ops.aten.clamp.default: _clamp_by_max_min,
     torch.ops.aten.clamp_min.default: lambda x, min: _clamp_by_max_min(x, min=min),
     torch.ops.aten.clamp_max.default: lambda x, max: _clamp_by_max_min(x, max=max),
+    torch.ops.aten.cumsum.default: _integer_cumsum_in_float,
 }
 
 
@@ -85,9 +107,11 @@ def export_onnx(module: ExportModule, path: Path, *, batch: AxisRange, seq: Axis
     """Writes the graph to ``path`` (weights beside it in ``path.name + '.data'`` when large); returns it
     loaded without the external weights."""
     args = example_inputs(module, trace_size(batch), trace_size(seq), seed=1)
-    names = [spec.name for spec in input_specs(module)]
-    axes = {0: _dim(batch), 1: _dim(seq)}
-    dynamic_shapes = {name: {i: d for i, d in axes.items() if d is not None} for name in names}
+    specs = input_specs(module)
+    names = [spec.name for spec in specs]
+    dims = {axis.name: _dim(axis) for axis in (batch, seq)}
+    dynamic_shapes = {spec.name: {i: dims[a] for i, a in enumerate(spec.shape)
+                                  if isinstance(a, str) and dims[a] is not None} for spec in specs}
     log = io.StringIO()
     try:
         check_exportable(module.model)
@@ -103,17 +127,24 @@ def export_onnx(module: ExportModule, path: Path, *, batch: AxisRange, seq: Axis
     weight_bytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
     program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
     model = onnx.load(str(path), load_external_data=False)
-    _check_dynamic_axes(model, names, batch, seq)
-    _name_dynamic_axes(model, names[0], batch, seq)
+    _check_dynamic_axes(model, specs, batch, seq)
+    _name_dynamic_axes(model, specs, batch, seq)
     onnx.save(model, str(path))  # external weights, if any, stay where program.save put them
     return model
 
 
-def _name_dynamic_axes(model: onnx.ModelProto, first_input: str, batch: AxisRange, seq: AxisRange) -> None:
+def _dynamic_positions(specs: list[InputSpec], batch: AxisRange, seq: AxisRange):
+    """(input name, axis index, AxisRange) of every input axis named after a range that is not one size."""
+    ranges = {axis.name: axis for axis in (batch, seq) if axis.min != axis.max}
+    return [(spec.name, i, ranges[a]) for spec in specs for i, a in enumerate(spec.shape)
+            if isinstance(a, str) and a in ranges]
+
+
+def _name_dynamic_axes(model: onnx.ModelProto, specs: list[InputSpec], batch: AxisRange, seq: AxisRange) -> None:
     """Renames the tracer's symbols (s27, s53, ...) to the axis names ("batch", "seq") everywhere."""
-    value = next(v for v in model.graph.input if v.name == first_input)
-    dims = value.type.tensor_type.shape.dim
-    rename = {dims[i].dim_param: axis.name for i, axis in ((0, batch), (1, seq)) if dims[i].dim_param}
+    inputs = {v.name: v.type.tensor_type.shape.dim for v in model.graph.input}
+    rename = {inputs[name][i].dim_param: axis.name for name, i, axis in _dynamic_positions(specs, batch, seq)
+              if inputs[name][i].dim_param}
     for info in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
         if info.type.HasField("tensor_type"):
             for dim in info.type.tensor_type.shape.dim:
@@ -121,17 +152,19 @@ def _name_dynamic_axes(model: onnx.ModelProto, first_input: str, batch: AxisRang
                     dim.dim_param = rename[dim.dim_param]
 
 
-def _check_dynamic_axes(model: onnx.ModelProto, names, batch: AxisRange, seq: AxisRange) -> None:
-    """Every (B, T) input keeps a symbolic dim where its range is not a single size (a specialised
-    axis would make every other size fail at run time)."""
-    for value in model.graph.input:
-        if value.name not in names:
-            continue
-        dims = value.type.tensor_type.shape.dim
-        for i, axis in ((0, batch), (1, seq)):
-            if axis.min != axis.max and not dims[i].dim_param:
-                raise GraphExportError(f"the exported graph fixed {value.name} axis {i} ({axis.name}) to "
-                                       f"{dims[i].dim_value}; the model specialises that size while tracing")
+def _check_dynamic_axes(model: onnx.ModelProto, specs: list[InputSpec], batch: AxisRange, seq: AxisRange) -> None:
+    """Every input axis named "batch" or "seq" keeps a symbolic dim where its range is not a single size
+    (a specialised axis would make every other size fail at run time); every input is in the graph."""
+    inputs = {v.name: v.type.tensor_type.shape.dim for v in model.graph.input}
+    missing = [spec.name for spec in specs if spec.name not in inputs]
+    if missing:
+        raise GraphExportError(f"the exported graph has no input {missing[0]!r} (inputs: {sorted(inputs)}); the "
+                               "model does not use it")
+    for name, i, axis in _dynamic_positions(specs, batch, seq):
+        dim = inputs[name][i]
+        if not dim.dim_param:
+            raise GraphExportError(f"the exported graph fixed {name} axis {i} ({axis.name}) to {dim.dim_value}; "
+                                   "the model specialises that size while tracing")
 
 
 @contextlib.contextmanager

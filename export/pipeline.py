@@ -1,7 +1,8 @@
 """``export(source, out_dir, **options) -> report``: graph, checks, lint, optional engine, files.
 
-Every option is checked before any work; the output is staged in a temporary folder and moved into
-place only when everything that must pass has passed (``files.staged_output``).
+Every option is checked before any work (``--seq`` against the source's limits right after it is
+loaded, before anything is written); the output is staged in a temporary folder and moved into place
+only when everything that must pass has passed (``files.staged_output``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 from . import graph, lint, shapes, tensorrt_build, validate
 from .files import check_output_dir, staged_output, write_json
 from .report import export_config, failure_lines, library_versions, validation_summary
-from .sources import input_specs, load_source
+from .sources import ExportModule, input_specs, load_source
 
 FORMATS = ("onnx", "tensorrt", "both")
 ONNX_FILE, CONFIG_FILE, REPORT_FILE = "model.onnx", "export_config.json", "report.json"
@@ -32,7 +33,15 @@ def _check_options(format, dtype, opset, batch, seq, atol, rtol):
         if value is not None and not (isinstance(value, (int, float)) and value >= 0):
             raise ValueError(f"{name}: expected a non-negative number, got {value!r}")
     return (shapes.parse_range(batch, name="batch", option="--batch"),
-            shapes.parse_range(seq, name="seq", option="--seq"))
+            None if seq is None else shapes.parse_range(seq, name="seq", option="--seq"))
+
+
+def _seq_range(module: ExportModule, seq_range):
+    """The --seq range (the source's default when not given), checked against what the model serves."""
+    low, high, why = module.seq_limits()
+    if seq_range is None:
+        return shapes.parse_range(module.default_seq(), name="seq", option="--seq")
+    return shapes.check_within(seq_range, low, high, option="--seq", why=why)
 
 
 def export(source, out_dir, *, format: str = "onnx", dtype: str = "fp32", opset: int = graph.DEFAULT_OPSET,
@@ -40,14 +49,16 @@ def export(source, out_dir, *, format: str = "onnx", dtype: str = "fp32", opset:
            rtol: float | None = None, strict: bool = False, overwrite: bool = False, adapter=None,
            trt_version: str | None = None) -> dict:
     """Exports ``source`` (see ``sources.load_source``) into ``out_dir``; returns the report (also in
-    ``out_dir/report.json``). Raises ValueError for bad options, SourceError, GraphExportError,
-    TensorRTUnavailable or ExportFailed; on any error ``out_dir`` is left untouched."""
+    ``out_dir/report.json``). ``seq`` None: the source's default range (``ExportModule.default_seq``).
+    Raises ValueError for bad options, SourceError, GraphExportError, TensorRTUnavailable or
+    ExportFailed; on any error ``out_dir`` is left untouched."""
     batch_range, seq_range = _check_options(format, dtype, opset, batch, seq, atol, rtol)
     out_dir = check_output_dir(out_dir, overwrite=overwrite)
     if format != "onnx":
         tensorrt_build.require_tensorrt()
     lint.resolve_version(trt_version)  # a bad version string fails before the work
     module, _ = load_source(source, adapter=adapter)
+    seq_range = _seq_range(module, seq_range)
     module = graph.cast_module(module, dtype)
     specs = input_specs(module)
     input_names = [s.name for s in specs]
@@ -85,7 +96,7 @@ def export(source, out_dir, *, format: str = "onnx", dtype: str = "fp32", opset:
         if summary["hard_fail"] or (strict and not summary["pass"]):
             raise ExportFailed("validation failed: " + "; ".join(failure_lines(checks)[:3]))
         if format != "onnx":
-            report["tensorrt"] = _engine(module, stage, onnx_path, batch_range, seq_range, dtype, tol, input_names,
+            report["tensorrt"] = _engine(module, stage, onnx_path, batch_range, seq_range, dtype, tol, specs,
                                          previous_cache)
             if strict and not report["tensorrt"]["validation"]["pass"]:
                 raise ExportFailed("TensorRT validation failed: "
@@ -93,18 +104,20 @@ def export(source, out_dir, *, format: str = "onnx", dtype: str = "fp32", opset:
         files = sorted(p.name for p in stage.iterdir()) + [CONFIG_FILE, REPORT_FILE]
         report["files"] = sorted(files)
         write_json(stage / CONFIG_FILE, export_config(model, specs, batch=batch_range, seq=seq_range, dtype=dtype,
-                                                      opset=opset, files=report["files"]))
+                                                      opset=opset, files=report["files"],
+                                                      interface=module.interface()))
         write_json(stage / REPORT_FILE, report)
     return report
 
 
-def _engine(module, stage: Path, onnx_path, batch_range, seq_range, dtype, tol, input_names, previous_cache):
+def _engine(module, stage: Path, onnx_path, batch_range, seq_range, dtype, tol, specs, previous_cache):
     """Builds the engine, checks it against the module on the validation shapes and times it."""
     import torch
 
     from .sources import example_inputs
 
-    profile = shapes.tensorrt_profile(input_names, batch_range, seq_range)
+    input_names = [s.name for s in specs]
+    profile = shapes.tensorrt_profile(specs, batch_range, seq_range)
     facts = tensorrt_build.build_engine(onnx_path, stage / PLAN_FILE, stage / CACHE_FILE, profile, dtype=dtype,
                                         previous_cache=previous_cache)
     runner = tensorrt_build.EngineRunner(stage / PLAN_FILE)

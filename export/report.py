@@ -23,22 +23,27 @@ def _shape(value) -> list:
 
 
 def export_config(model: onnx.ModelProto, specs: list[InputSpec], *, batch: AxisRange, seq: AxisRange,
-                  dtype: str, opset: int, files: list[str]) -> dict:
-    """Every input and output: name, dtype, shape with named dynamic axes; integer inputs' [low, high)."""
-    ranges = {spec.name: spec for spec in specs}
+                  dtype: str, opset: int, files: list[str], interface: dict | None = None) -> dict:
+    """Every input and output: name, dtype, shape with named dynamic axes (as the graph has them);
+    integer inputs' valid values [low, high); a note on each input where the source gives one; and
+    ``interface``, what else a deployer must know (the source's ``ExportModule.interface``)."""
+    by_name = {spec.name: spec for spec in specs}
     inputs = []
     for value in model.graph.input:
         entry = {"name": value.name, "dtype": _dtype_name(value.type.tensor_type.elem_type), "shape": _shape(value)}
-        if value.name in ranges:
-            entry["range"] = [ranges[value.name].low, ranges[value.name].high]
+        spec = by_name.get(value.name)
+        if spec is not None and spec.low is not None:
+            entry["range"] = [spec.low, spec.high]
             entry["range_note"] = "valid values are [low, high)"
+        if spec is not None and spec.note:
+            entry["note"] = spec.note
         inputs.append(entry)
     outputs = [{"name": v.name, "dtype": _dtype_name(v.type.tensor_type.elem_type), "shape": _shape(v)}
                for v in model.graph.output]
     return {"format": "onnx", "opset": opset, "dtype": dtype,
             "dynamic_axes": {axis.name: {"min": axis.min, "opt": axis.opt, "max": axis.max} for axis in (batch, seq)
                              if axis.min != axis.max},
-            "inputs": inputs, "outputs": outputs, "files": files}
+            "inputs": inputs, "outputs": outputs, "interface": dict(interface or {}), "files": files}
 
 
 def library_versions() -> dict:

@@ -1,12 +1,15 @@
 """Shape ranges of the dynamic axes (``--batch MIN:OPT:MAX``, ``--seq MIN:OPT:MAX``) and what follows
-from them: the shapes validation runs, the example shape the tracer sees, TensorRT's profile."""
+from them: the shapes validation runs, the example shape the tracer sees, TensorRT's profile.
+
+The default ``--seq`` depends on the source (``ExportModule.default_seq``): any length for a causal
+LM, and for the audio-visual model lengths that hold its fixed placeholder tokens plus text."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 DEFAULT_BATCH = "1:2:4"
-DEFAULT_SEQ = "1:32:128"
+DEFAULT_SEQ = None  # the source's own default (ExportModule.default_seq)
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,17 @@ def parse_range(text: str, *, name: str, option: str) -> AxisRange:
     return AxisRange(name, low, opt, high)
 
 
+def check_within(axis: AxisRange, low: int, high: int | None, *, option: str, why: str = "") -> AxisRange:
+    """``axis`` when all its sizes lie in [low, high] (high None: no upper bound); else ValueError naming
+    ``option`` and the reason (``why``)."""
+    reason = f" ({why})" if why else ""
+    if axis.min < low:
+        raise ValueError(f"{option}: this model needs {axis.name} >= {low}{reason}; got MIN {axis.min}")
+    if high is not None and axis.max > high:
+        raise ValueError(f"{option}: this model takes {axis.name} <= {high}{reason}; got MAX {axis.max}")
+    return axis
+
+
 def odd_size(axis: AxisRange) -> int:
     """A size strictly inside the range, odd where possible (catches even-only tiling assumptions)."""
     candidates = [s for s in range(axis.min + 1, axis.max) if s % 2 == 1 and s not in (axis.min, axis.opt)]
@@ -68,6 +82,14 @@ def trace_size(axis: AxisRange) -> int:
     return min(axis.max, max(2, axis.opt))
 
 
-def tensorrt_profile(input_names, batch: AxisRange, seq: AxisRange) -> dict[str, tuple[tuple, tuple, tuple]]:
-    """One optimisation profile: input name -> ((min shape), (opt shape), (max shape)), all (B, T) inputs."""
-    return {name: ((batch.min, seq.min), (batch.opt, seq.opt), (batch.max, seq.max)) for name in input_names}
+def tensorrt_profile(specs, batch: AxisRange, seq: AxisRange) -> dict[str, tuple[tuple, tuple, tuple]]:
+    """One optimisation profile: input name -> ((min shape), (opt shape), (max shape)) for every input.
+    ``specs``: ``InputSpec``s (axis names "batch" and "seq" take their ranges, ints stay), or plain
+    names, taken as (batch, seq) inputs."""
+    ranges = {axis.name: axis for axis in (batch, seq)}
+    profile = {}
+    for spec in specs:
+        name, dims = (spec, (batch.name, seq.name)) if isinstance(spec, str) else (spec.name, spec.shape)
+        profile[name] = tuple(tuple(getattr(ranges[d], which) if isinstance(d, str) else int(d) for d in dims)
+                              for which in ("min", "opt", "max"))
+    return profile

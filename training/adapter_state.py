@@ -14,8 +14,11 @@ import torch
 
 from mosear_fast.atomic import atomic_save_tensors
 
-ADAPTER_MARK = ".mose_adapter."
-ADAPTER_FILE = "adapter.safetensors"
+# The adapter file's name, its tensors and its reader are shared with export (mosear_fast.trained).
+from mosear_fast.trained import ADAPTER_FILE, ADAPTER_MARK, adapter_state_dict, load_adapter
+
+__all__ = ["ADAPTER_FILE", "ADAPTER_MARK", "adapter_state_dict", "load_adapter", "mose_adapters", "save_adapter",
+           "sync_dynamic_weights"]
 
 
 def mose_adapters(model) -> list:
@@ -25,37 +28,9 @@ def mose_adapters(model) -> list:
     return [m for m in model.modules() if isinstance(m, MoSEAdapter)]
 
 
-def adapter_state_dict(model_or_state) -> dict[str, torch.Tensor]:
-    """The adapter tensors (detached, CPU, contiguous) of a model or of a full state dict."""
-    state = model_or_state if isinstance(model_or_state, dict) else model_or_state.state_dict()
-    out = {name: t.detach().cpu().contiguous() for name, t in state.items() if ADAPTER_MARK in f".{name}"}
-    if not out:
-        raise ValueError("model: has no MoSE adapter tensors (names containing '.mose_adapter.'); prepare it "
-                         "with apply_mosear(model, mose=MoSEConfig(...)) first")
-    return out
-
-
 def save_adapter(path: str | os.PathLike, model_or_state, metadata: dict[str, str] | None = None) -> None:
     """Write the adapter tensors to a safetensors file, atomically."""
     atomic_save_tensors(path, adapter_state_dict(model_or_state), metadata=metadata)
-
-
-def load_adapter(model, path: str | os.PathLike) -> None:
-    """Load an adapter file into ``model`` (in place). Every adapter tensor of the model must be in the
-    file with its shape, and the file must hold nothing else: a mismatch is a ValueError naming it."""
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path))
-    expected = adapter_state_dict(model)
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{path}: adapter tensors do not match the model (missing {missing[:5]}, unexpected "
-                         f"{unexpected[:5]}); was it trained with the same backbone and MoSE config?")
-    for name, t in tensors.items():
-        if tuple(t.shape) != tuple(expected[name].shape):
-            raise ValueError(f"{path}: {name} has shape {tuple(t.shape)}, the model expects "
-                             f"{tuple(expected[name].shape)}")
-    model.load_state_dict(tensors, strict=False)
 
 
 @torch.no_grad()

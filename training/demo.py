@@ -23,6 +23,8 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from mosear_fast import demo_config
+
 PROG = "mosear-demo"
 VARIANTS = ("baseline", "+ AR", "+ MoSE", "+ MoSE + AR")
 
@@ -35,9 +37,9 @@ def _counts(consistent, audio, video):
 class DemoSettings:
     """Everything the demo draws and trains; ``DEFAULT`` and ``QUICK`` below."""
 
-    seed: int = 0
-    n_visual: int = 32
-    hidden: int = 64
+    seed: int = demo_config.SEED
+    n_visual: int = demo_config.N_VISUAL
+    hidden: int = demo_config.HIDDEN
     backbone_counts: dict = field(default_factory=lambda: _counts(1000, 700, 300))
     fit_counts: dict = field(default_factory=lambda: _counts(400, 400, 400))
     test_counts: dict = field(default_factory=lambda: _counts(200, 200, 200))
@@ -46,10 +48,10 @@ class DemoSettings:
     mose_epochs: float = 6.0
     mose_lr: float = 3e-3
     batch_size: int = 32
-    mose_rank: int = 8
-    mose_experts: int = 4
-    mose_targets: tuple = ("q_proj", "v_proj")
-    ar_strength: float = 0.5
+    mose_rank: int = demo_config.MOSE_RANK
+    mose_experts: int = demo_config.MOSE_EXPERTS
+    mose_targets: tuple = demo_config.MOSE_TARGETS
+    ar_strength: float = demo_config.AR_STRENGTH
 
 
 DEFAULT = DemoSettings()
@@ -90,24 +92,21 @@ def train_backbone(model, data, indices, settings, out_dir, progress):
 
 
 def fit_adapters(backbone, data, indices, settings, out_dir, progress):
-    from mosear_fast import ARConfig, MoSEConfig
-
     from .av_batches import Subset
     from .fit import default_training_arguments, fit_mose, prepare_mose
     from .trained_folder import backbone_reference, write_backbone_weights
 
-    mose = MoSEConfig(r=settings.mose_rank, num_experts=settings.mose_experts,
-                      target_modules=list(settings.mose_targets))
+    mose = demo_config.mose_config(settings.mose_rank, settings.mose_experts, settings.mose_targets)
     folder = out_dir / "mose"
     weights = write_backbone_weights(folder, backbone)
-    reference = backbone_reference(settings.seed, {"n_visual": settings.n_visual, "hidden": settings.hidden,
-                                                   "intermediate": 2 * settings.hidden}, weights)
+    reference = backbone_reference(settings.seed, demo_config.backbone_sizes(settings.n_visual, settings.hidden),
+                                   weights)
     model = prepare_mose(copy.deepcopy(backbone), mose, seed=settings.seed)
     args = default_training_arguments(folder, num_train_epochs=settings.mose_epochs,
                                       per_device_train_batch_size=settings.batch_size,
                                       learning_rate=settings.mose_lr, seed=settings.seed,
                                       disable_tqdm=not progress, logging_steps=10, warmup_steps=0)
-    trainer = fit_mose(model, Subset(data, indices), args, mose=mose, ar=ARConfig(strength=settings.ar_strength),
+    trainer = fit_mose(model, Subset(data, indices), args, mose=mose, ar=demo_config.ar_config(settings.ar_strength),
                        backbone=reference)
     return trainer.state.log_history
 
@@ -138,8 +137,7 @@ def run_demo(settings: DemoSettings, out_dir: Path, *, progress: bool = True, lo
     log(f"data: {len(backbone_idx)} backbone-training samples (audio right 85%), {len(fit_idx)} MoSE-fitting "
         f"samples (balanced), {len(test_idx)} test samples (balanced); {settings.n_visual} visual tokens + 1 "
         "audio token per prompt")
-    model, _ = build_demo_model(settings.seed, n_visual=settings.n_visual, hidden=settings.hidden,
-                                intermediate=2 * settings.hidden)
+    model, _ = build_demo_model(settings.seed, **demo_config.backbone_sizes(settings.n_visual, settings.hidden))
     log("training the backbone (all weights) ...")
     backbone = train_backbone(model, data, backbone_idx, settings, out_dir, progress)
     reports = {}
