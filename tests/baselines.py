@@ -48,9 +48,11 @@ def mose_dense_masked(x, modality, expert, gate, A, B, scale, out=None):
 
 
 def ar_eager_materialised(q, k, v, key_modality, *, num_modalities, balance=(1, 2), target=None, strength=0.5,
-                          threshold=0.0, causal=True, scale=None):
+                          threshold=0.0, modality_bias=None, causal=True, scale=None, query_mask=None,
+                          return_masses=False, **_options):
     """AR as eager steering code does it: the full (Lq, Lk) probabilities, masses by a one-hot matmul,
-    per-modality factors P'/P applied to the probabilities, then P @ V.
+    per-modality factors P'/P applied to the probabilities, then P @ V. Takes ``ar_attention``'s
+    backend arguments (so a model can run through it, bench/e2e_eager.py).
 
     Unlike DESIGN 2.2 it cannot give mass to a modality whose probabilities underflow to 0.
     """
@@ -59,6 +61,9 @@ def ar_eager_materialised(q, k, v, key_modality, *, num_modalities, balance=(1, 
     scale = head_dim**-0.5 if scale is None else scale
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale  # [B, H, Lq, Lk]
+    if modality_bias is not None:
+        bias = torch.tensor([float(b) for b in modality_bias], device=q.device)
+        scores = scores + bias[key_modality.clamp(min=0)][:, None, None, :]
     visible = (key_modality >= 0)[:, None, None, :]
     if causal:
         pos = torch.arange(len_q, device=q.device)[:, None] + len_k - len_q
@@ -79,7 +84,10 @@ def ar_eager_materialised(q, k, v, key_modality, *, num_modalities, balance=(1, 
     sigma = mass / mass_s.clamp_min(1e-30)
     deviation = torch.where(in_s, sigma - tau_i, -torch.inf).amax(-1)
     apply = (in_s.sum(-1) >= 2) & (mass_s[..., 0] > 0) & (deviation > threshold)
+    if query_mask is not None:
+        apply = apply & query_mask[:, None, :]
     new_mass = torch.where(in_s & apply[..., None], (1 - strength) * mass + strength * mass_s * tau_i, mass)
     factor = torch.where(mass > 0, new_mass / mass.clamp_min(1e-30), torch.ones_like(mass))
     p = p * (factor @ onehot[:, None].transpose(-1, -2))  # [B, H, Lq, Lk]
-    return (p @ v.float()).to(q.dtype)
+    o = (p @ v.float()).to(q.dtype)
+    return (o, mass) if return_masses else o
