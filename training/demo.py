@@ -107,7 +107,7 @@ def fit_adapters(backbone, data, indices, settings, out_dir, progress):
                                       learning_rate=settings.mose_lr, seed=settings.seed,
                                       disable_tqdm=not progress, logging_steps=10, warmup_steps=0)
     trainer = fit_mose(model, Subset(data, indices), args, mose=mose, ar=demo_config.ar_config(settings.ar_strength),
-                       backbone=reference)
+                       backbone=reference, quiet_logs=True)
     return trainer.state.log_history
 
 

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import torch
+from transformers.trainer_callback import ProgressCallback
 
 from .av_batches import AVCollator
 from .trained_folder import BACKBONE_FILE, folder_files, write_json
@@ -30,17 +31,21 @@ def prepare_mose(model, mose, *, seed: int = 0):
 
 
 def fit_mose(model, train_dataset, args, *, mose, ar=None, backbone: dict, eval_dataset=None,
-             resume_from_checkpoint: str | bool | None = None, callbacks=None) -> MoSETrainer:
+             resume_from_checkpoint: str | bool | None = None, callbacks=None,
+             quiet_logs: bool = False) -> MoSETrainer:
     """Train the adapters of a ``prepare_mose``'d model with ``args`` (transformers TrainingArguments),
     then write the output folder ``args.output_dir``. ``backbone``: the reference written as
     ``backbone.json`` (weights path relative to the output folder; checkpoints get it relative to
-    theirs). Returns the trainer (its ``state.log_history`` has the logs)."""
+    theirs). Returns the trainer (its ``state.log_history`` has the logs). ``quiet_logs``: keep the
+    progress bar but do not print each logged dict under it."""
     checkpoint_backbone = dict(backbone)
     if backbone.get("weights"):
         checkpoint_backbone["weights"] = f"../{backbone['weights']}"
     trainer = MoSETrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                           data_collator=AVCollator(), modalities=mose.modalities, llm=model.llm,
                           folder_files=folder_files(mose, ar, checkpoint_backbone), callbacks=callbacks)
+    if quiet_logs and trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(BarOnlyProgress())
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     trainer.save_model(args.output_dir)
     if trainer.args.should_save:
@@ -59,3 +64,10 @@ def default_training_arguments(output_dir: str | os.PathLike, **overrides):
                     use_cpu=not torch.cuda.is_available(), disable_tqdm=True, ddp_find_unused_parameters=False)
     settings.update(overrides)
     return TrainingArguments(**settings)
+
+
+class BarOnlyProgress(ProgressCallback):
+    """The training progress bar without the dict of logs printed at every logging step."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        return None
