@@ -1,8 +1,8 @@
 """Setup factories shared by the providers: inputs for one case, and the measured closure.
 
 ``mose_setup(update)`` turns ``update(x, modality, expert, gate, A, B, scale, out) -> y`` into a
-provider setup for the modes "update" (the adapter alone), "fwd" (base ``F.linear`` + update) and
-"fwd_bwd" (forward and backward with the base weight frozen: its backward is dx only).
+provider setup for the modes "update" (the adapter alone), "fwd" (base ``F.linear`` + update, no
+autograd) and "fwd_bwd" (forward and backward with the base weight frozen: its backward is dx only).
 ``ar_setup(attend)`` does the same for ``attend(q, k, v, key_modality) -> o`` (mode "fwd").
 """
 
@@ -24,16 +24,28 @@ def mose_inputs(case):
     return inputs, weight.to(case["dtype"])
 
 
-def mose_setup(update):
+def mose_setup(update=None, *, layer=None):
+    """A provider setup from ``update(x, modality, expert, gate, A, B, scale, out) -> out + update``,
+    or from ``layer(x, W, modality, expert, gate, A, B, scale) -> x W^T + update`` (a fused base and
+    adapter, which has no "update" mode)."""
+    if layer is None:
+        def layer(x, weight, *routing_and_weights):
+            return update(x, *routing_and_weights, F.linear(x, weight))
+
     def setup(case):
         inputs, weight = mose_inputs(case)
         names = ("x", "modality", "expert", "gate", "A", "B", "scale")
         args = [inputs[n] for n in names]
         mode = case["mode"]
         if mode == "update":
+            if update is None:
+                raise ValueError("mode: 'update' needs the adapter alone; this provider fuses it with the base")
             return lambda: update(*args, None)
         if mode == "fwd":
-            return lambda: update(*args, F.linear(args[0], weight))
+            def forward():
+                with torch.no_grad():
+                    return layer(args[0], weight, *args[1:])
+            return forward
         if mode != "fwd_bwd":
             raise ValueError(f"mode: expected 'update', 'fwd' or 'fwd_bwd', got {mode!r}")
         for i in (0, 3, 4, 5):  # x, gate, A, B are trained / need gradients; W is frozen
@@ -41,8 +53,7 @@ def mose_setup(update):
         grad = torch.randn(case["n_tokens"], case["d_out"], device=case["device"], dtype=case["dtype"])
 
         def step():
-            y = update(*args, F.linear(args[0], weight))
-            y.backward(grad)
+            layer(args[0], weight, *args[1:]).backward(grad)
             for i in (0, 3, 4, 5):
                 args[i].grad = None
         return step

@@ -1,10 +1,8 @@
 """MoSE providers on the Triton kernels (CUDA only: the interpreter on the CPU is far too slow to time).
 
-``mosear_triton``: the frozen base ``F.linear`` plus the ``mose_lora`` update. "fwd": y =
-mose_lora(..., out=F.linear(x, W), inplace=True): the update is added into the base output in place
-(no extra allocation). "fwd_bwd": forward (out-of-place, since the base output carries x's
-gradient) and backward to x, gate, A and B with W frozen. Range validation is off
-(``validate=False``) so the timed call is the sync-free kernel path.
+``mosear_triton``: the frozen base ``F.linear`` plus the ``mose_lora`` update (read from and written
+with the base output in one pass); "fwd_bwd" adds the backward to x, gate, A and B with W frozen.
+Range validation is off (``validate=False``) so the timed call is the sync-free kernel path.
 
 ``mosear_fused_linear``: ``kernels/mose/fused_linear.mose_linear``, base GEMM and adapter expand in
 one kernel (and dx = dy W + A^T dh in one kernel). Written without a GPU and never benchmarked yet:
@@ -13,97 +11,37 @@ it stays only if it beats ``mosear_triton`` here.
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from functools import partial
 
-from bench.registry import Provider, register
-from tests.cases import make_mose_inputs
+from mosear_fast import mose_lora
 
-
-def _unavailable(case: dict) -> str | None:
-    if torch.device(case["device"]).type != "cuda":
-        return "needs CUDA (the Triton interpreter on the CPU is too slow to benchmark)"
-    return None
+from ..registry import Provider, register
+from ..setups import cuda_only, mose_setup
 
 
-def _inputs(case: dict):
-    device, dtype = torch.device(case["device"]), case["dtype"]
-    n_tokens, d_in, d_out = case["n_tokens"], case["d_in"], case["d_out"]
-    inputs = make_mose_inputs(n_tokens, d_in, d_out, n_modalities=case["n_modalities"],
-                              n_experts=case["n_experts"], rank=case["rank"], top_k=case["top_k"],
-                              dtype=dtype, device=device, with_out=False)
-    g = torch.Generator().manual_seed(1)
-    W = (torch.randn(d_out, d_in, generator=g) * d_in ** -0.5).to(device=device, dtype=dtype)  # frozen base
-    dy = torch.randn(n_tokens, d_out, device=device, dtype=dtype)
-    if case["mode"] not in ("fwd", "fwd_bwd"):
-        raise ValueError(f"mode: expected 'fwd' or 'fwd_bwd', got {case['mode']!r}")
-    return inputs, W, dy
+def _fused_linear(x, weight, *routing_and_weights):
+    from mosear_fast.kernels.mose.fused_linear import mose_linear  # imports triton: only when timed
+
+    return mose_linear(x, weight, None, *routing_and_weights)
 
 
-def _setup(case: dict):
-    from mosear_fast import mose_lora
-
-    inputs, W, dy = _inputs(case)
-    x, modality, expert, gate = inputs["x"], inputs["modality"], inputs["expert"], inputs["gate"]
-    A, B, scale = inputs["A"], inputs["B"], inputs["scale"]
-
-    if case["mode"] == "fwd":
-        def run():
-            with torch.no_grad():
-                base = F.linear(x, W)
-                return mose_lora(x, modality, expert, gate, A, B, scale, base, inplace=True,
-                                 backend="triton", validate=False)
-        return run
-
-    x, gate, A, B = (t.detach().requires_grad_(True) for t in (x, gate, A, B))
-
-    def run():
-        for t in (x, gate, A, B):
-            t.grad = None
-        base = F.linear(x, W)
-        y = mose_lora(x, modality, expert, gate, A, B, scale, base, backend="triton", validate=False)
-        y.backward(dy)
-        return y
-
-    return run
-
-
-def _setup_fused(case: dict):
-    from mosear_fast.kernels.mose.fused_linear import mose_linear
-
-    inputs, W, dy = _inputs(case)
-    x, modality, expert, gate = inputs["x"], inputs["modality"], inputs["expert"], inputs["gate"]
-    A, B, scale = inputs["A"], inputs["B"], inputs["scale"]
-
-    if case["mode"] == "fwd":
-        def run():
-            with torch.no_grad():
-                return mose_linear(x, W, None, modality, expert, gate, A, B, scale)
-        return run
-
-    x, gate, A, B = (t.detach().requires_grad_(True) for t in (x, gate, A, B))
-
-    def run():
-        for t in (x, gate, A, B):
-            t.grad = None
-        y = mose_linear(x, W, None, modality, expert, gate, A, B, scale)
-        y.backward(dy)
-        return y
-
-    return run
+def _fused_unavailable(case: dict) -> str | None:
+    if case["mode"] == "update":
+        return "fuses the adapter with the base GEMM: no update-only mode"
+    return cuda_only(case)
 
 
 register(Provider(
     op="mose",
     name="mosear_triton",
-    setup=_setup,
-    unavailable=_unavailable,
+    setup=mose_setup(partial(mose_lora, backend="triton", validate=False)),
+    unavailable=cuda_only,
     description="F.linear base + Triton MoSE update (sorted-index shrink/expand kernels, sync-free)",
 ))
 register(Provider(
     op="mose",
     name="mosear_fused_linear",
-    setup=_setup_fused,
-    unavailable=_unavailable,
+    setup=mose_setup(layer=_fused_linear),
+    unavailable=_fused_unavailable,
     description="fused base GEMM + MoSE expand epilogue (UNBENCHMARKED: keep only if it beats mosear_triton)",
 ))
