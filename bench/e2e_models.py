@@ -69,7 +69,8 @@ def add_mosear(model, preset: dict):
     """MoSE (r, E from the preset; M = 3 modalities) on q/v and AR (strength 0.5) on all layers."""
     from mosear_fast import ARConfig, apply_mosear
 
-    apply_mosear(model, mose=mose_config(preset), ar=ARConfig(strength=0.5))
+    # record_shares=False: the monitoring read-out is off, as in a latency-sensitive deployment
+    apply_mosear(model, mose=mose_config(preset), ar=ARConfig(strength=0.5, record_shares=False))
     return model.eval()
 
 

@@ -143,5 +143,7 @@ def attention_shares(model, *, reallocated: bool = False) -> dict[int, torch.Ten
     if context is None or context.ar is None:
         raise ValueError("model: attention_shares needs a model prepared with apply_mosear(model, "
                          "ar=ARConfig(...))")
+    if not context.ar["record_shares"]:
+        raise ValueError("model: its ARConfig has record_shares=False; set it to True to read the shares")
     key = "after" if reallocated else "before"
     return {layer: shares[key] for layer, shares in sorted(context.shares.items())}

@@ -25,6 +25,8 @@ class ARConfig:
     - ``query_modalities``: the queries that are reallocated (default text queries: the prompt's text
       and every generated token), so answers attend to audio and video in balance.
     - ``backend``: the ``ar_attention`` backend ("auto", "torch", "triton").
+    - ``record_shares``: keep each layer's mean attention shares for ``attention_shares(model)``
+      (a few small ops per layer and forward); False for the leanest decoding.
     """
 
     modalities: Sequence[str] | None = None
@@ -36,6 +38,7 @@ class ARConfig:
     modality_bias: Sequence[float] | Mapping | None = None
     query_modalities: Sequence = ("text",)
     backend: str = "auto"
+    record_shares: bool = True
 
     def __post_init__(self):
         if self.modalities is not None:
@@ -52,6 +55,8 @@ class ARConfig:
         self.threshold = _real("ARConfig.threshold", self.threshold, low=0.0)
         if self.backend not in BACKENDS:
             raise ValueError(f"ARConfig.backend: expected one of {BACKENDS}, got {self.backend!r}")
+        if not isinstance(self.record_shares, bool):
+            raise TypeError(f"ARConfig.record_shares: expected a bool, got {type(self.record_shares).__name__}")
 
     def resolve(self, modalities: Sequence[str]) -> dict:
         """Ids and floats for ``ar_attention`` against the model's modality names (checked here)."""
@@ -78,4 +83,4 @@ class ARConfig:
         query = modality_indices("ARConfig.query_modalities", self.query_modalities, names)
         return dict(num_modalities=len(names), balance=balance, target=target, strength=self.strength,
                     threshold=self.threshold, modality_bias=bias, query_modalities=query,
-                    backend=self.backend)
+                    backend=self.backend, record_shares=self.record_shares)

@@ -56,14 +56,17 @@ def mosear_attention_forward(module, query, key, value, attention_mask, dropout:
                          f"given ids for {tuple(query_ids.shape)}")
     # a broadcast compare rather than torch.isin, which the ONNX exporter cannot translate
     selected = (query_ids[..., None] == query_ids.new_tensor(settings["query_modalities"])).any(-1)
-    out, masses = ar_attention(
+    record = settings["record_shares"] and not is_exporting()  # a monitoring read-out, not part of a graph
+    result = ar_attention(
         query, key, value, key_ids, num_modalities=settings["num_modalities"], balance=settings["balance"],
         target=settings["target"], strength=settings["strength"], threshold=settings["threshold"],
         modality_bias=settings["modality_bias"], causal=True, scale=scaling, query_mask=selected,
-        return_masses=True, backend=settings["backend"],
+        return_masses=record, backend=settings["backend"],
         validate=False)  # the key ids were checked once at model entry: no host sync per layer
-    if not is_exporting():  # attention shares are a monitoring read-out, not part of an exported graph
-        context.shares[layer] = _mean_shares(masses, key_ids, query_ids, selected, settings)
+    if not record:
+        return result.transpose(1, 2).contiguous(), None
+    out, masses = result
+    context.shares[layer] = _mean_shares(masses, key_ids, query_ids, selected, settings)
     return out.transpose(1, 2).contiguous(), None
 
 

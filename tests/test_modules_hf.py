@@ -191,3 +191,17 @@ def test_inputs_embeds_with_modality_spans(arch):
             grown = torch.cat([grown, model.get_input_embeddings()(new_tokens[:, step:step + 1])], 1)
     shares = attention_shares(model)
     assert all(share[2] > 0 for share in shares.values())  # the single audio token is seen
+
+
+def test_record_shares_off_gives_the_same_logits_and_no_shares(arch):
+    ids, mask, mod = av_prompt(2, 16)
+    logits = {}
+    for record in (True, False):
+        model = prepared(arch, record_shares=record)
+        logits[record] = model(input_ids=ids, attention_mask=mask, modality_ids=mod).logits
+        if record:
+            assert len(attention_shares(model)) > 0
+        else:
+            with pytest.raises(ValueError, match="record_shares"):
+                attention_shares(model)
+    assert torch.equal(logits[True], logits[False])
