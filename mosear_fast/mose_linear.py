@@ -188,18 +188,20 @@ class MoSEAdapter(nn.Module):
 
     @torch.no_grad()
     def _update_dynamic_weights(self, update, slot, scale):
-        """EMA of the per-modality mean update norm before s * w_m, then w_m (DESIGN 2.1)."""
+        """EMA of the per-modality mean update norm before s * w_m, then w_m (DESIGN 2.1).
+
+        Written without boolean indexing or host reads: a training step on CUDA does not synchronise
+        in every adapted layer."""
         adapted = slot >= 0
-        if not adapted.any():
-            return
-        n_slots = len(self.adapted)
-        norms = update[adapted].float().norm(dim=-1) / scale[slot[adapted]]  # [Na], norm of the raw update
-        total = torch.zeros(n_slots, device=update.device).index_add(0, slot[adapted], norms)
-        count = torch.bincount(slot[adapted], minlength=n_slots)
-        present = count > 0
-        ids = self.adapted_ids[present]
-        batch_mean = (total / count.clamp_min(1))[present]
-        self.update_norm_ema[ids] = self.beta * self.update_norm_ema[ids] + (1 - self.beta) * batch_mean
+        slot0 = slot.clamp_min(0)
+        norms = update.float().norm(dim=-1) / scale[slot0] * adapted  # [N] norm of the raw update; 0 if unadapted
+        total = torch.zeros(len(self.adapted), device=update.device).index_add(0, slot0, norms)
+        count = torch.zeros_like(total).index_add(0, slot0, adapted.float())
+        ema = self.update_norm_ema[self.adapted_ids]
+        batch_mean = total / count.clamp_min(1)
+        # only the modalities present in the batch move
+        self.update_norm_ema[self.adapted_ids] = torch.where(count > 0, self.beta * ema + (1 - self.beta) * batch_mean,
+                                                             ema)
         self.refresh_modality_weights()
 
     @torch.no_grad()
@@ -209,11 +211,8 @@ class MoSEAdapter(nn.Module):
             return
         ids = self.slot_of_modality.new_tensor(self.balance)
         c = self.update_norm_ema[ids]
-        if bool((c > 0).all()):
-            w = (c.mean() / c).pow(self.gamma).clamp(*self.weight_clip)
-        else:
-            w = torch.ones_like(c)
-        self.modality_weight[ids] = w
+        w = (c.mean() / c.clamp_min(1e-30)).pow(self.gamma).clamp(*self.weight_clip)
+        self.modality_weight[ids] = torch.where((c > 0).all(), w, torch.ones_like(c))
 
 
 class MoSELinear(nn.Module):
