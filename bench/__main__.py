@@ -38,8 +38,10 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def run(op, preset, mode, device, names=None, *, min_seconds=0.5, max_runs=100, log=print) -> dict:
-    """Measures every (case, provider) pair; returns the JSON-ready result dict."""
+def run(op, preset, mode, device, names=None, *, min_seconds=0.5, max_runs=100, log=print,
+        on_progress=None) -> dict:
+    """Measures every (case, provider) pair; returns the JSON-ready result dict. ``on_progress`` gets
+    the partial result after every case (so a run stopped by a time limit keeps what it measured)."""
     registry = providers(op)
     if names is not None:
         unknown = sorted(set(names) - set(registry))
@@ -50,6 +52,8 @@ def run(op, preset, mode, device, names=None, *, min_seconds=0.5, max_runs=100, 
     if floor not in selected:
         selected.insert(0, floor)
     rows = []
+    result = dict(op=op, preset=preset, mode=mode, floor=floor, environment=describe(device),
+                  providers={n: registry[n].description for n in selected}, results=rows)
     for case in presets.cases(op, preset, mode=mode, device=device):
         shape = {k: v for k, v in case.items() if k not in ("device", "dtype", "mode")}
         timings = {}
@@ -76,8 +80,9 @@ def run(op, preset, mode, device, names=None, *, min_seconds=0.5, max_runs=100, 
         row = dict(case=shape, dtype=str(case["dtype"]).replace("torch.", ""), providers=timings)
         rows.append(row)
         log(format_row(row, selected))
-    return dict(op=op, preset=preset, mode=mode, floor=floor, environment=describe(device),
-                providers={n: registry[n].description for n in selected}, results=rows)
+        if on_progress is not None:
+            on_progress(result)
+    return result
 
 
 def format_row(row, names) -> str:
@@ -101,15 +106,18 @@ def main(argv=None) -> int:
         print("python -m bench: error: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
     names = args.providers.split(",") if args.providers else None
+    out = args.out or os.path.join(os.path.dirname(__file__), "results",
+                                   f"{args.op}-{args.preset}-{args.mode}-{device.type}.json")
+
+    def save(result):
+        atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+
     try:
         result = run(args.op, args.preset, args.mode, device, names, min_seconds=args.min_seconds,
-                     max_runs=args.max_runs)
+                     max_runs=args.max_runs, on_progress=save)
     except ValueError as err:
         print(f"python -m bench: error: {err}", file=sys.stderr)
         return 2
-    out = args.out or os.path.join(os.path.dirname(__file__), "results",
-                                   f"{args.op}-{args.preset}-{args.mode}-{device.type}.json")
-    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     print(f"wrote {out} ({result['environment']['device']}, torch {result['environment']['torch']})")
     return 0
 

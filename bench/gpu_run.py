@@ -42,15 +42,18 @@ MIN_STEP_S = 15.0  # a step that would get less than this is skipped
 MAX_FILES = 8
 KERNEL_TESTS = ["tests/test_mose_lora.py", "tests/test_ar_attention.py", "tests/test_mose_triton.py",
                 "tests/test_ar_triton.py"]
-# Op benchmarks in the order they run (most important first): (op, preset, mode).
+# Op benchmarks in the order they run (most important first): (op, preset, mode, providers or None
+# for all). The FlexAttention baselines compile once per shape, so they run on one preset only.
+AR_FAST = "sdpa,mosear_triton,eager_ar"
 OP_RUNS = [
-    ("mose", "llama2-7b-qv", "fwd"),
-    ("ar", "llama2-7b-prefill", "fwd"),
-    ("ar", "qwen2.5-omni-7b-decode", "fwd"),
-    ("mose", "qwen2.5-7b-mlp", "fwd"),
-    ("ar", "qwen2.5-omni-7b-prefill", "fwd"),
-    ("ar", "llama2-7b-decode", "fwd"),
-    ("mose", "llama2-7b-qv", "fwd_bwd"),
+    ("mose", "llama2-7b-qv", "fwd", None),
+    ("ar", "llama2-7b-prefill", "fwd", AR_FAST),
+    ("ar", "qwen2.5-omni-7b-decode", "fwd", AR_FAST),
+    ("mose", "qwen2.5-7b-mlp", "fwd", None),
+    ("ar", "llama2-7b-prefill-4k", "fwd", "sdpa,mosear_triton,flex_static,lse_merge"),
+    ("ar", "qwen2.5-omni-7b-prefill", "fwd", AR_FAST),
+    ("ar", "llama2-7b-decode", "fwd", AR_FAST),
+    ("mose", "llama2-7b-qv", "fwd_bwd", None),
 ]
 E2E_MODELS_GPU = ("llama2-7b", "qwen2.5-omni-7b")
 
@@ -85,11 +88,13 @@ def plan(scratch: str, *, python: str = sys.executable, cuda: bool = True, insta
         path = os.path.join(scratch, f"e2e-{model}.json")
         steps.append(Step(f"e2e {model}", [python, "-m", "bench.e2e", "--preset", e2e_preset, "--models", model,
                                            "--out", path], 150, "e2e", path))
-    for op, preset, mode in op_runs:
+    for op, preset, mode, names in op_runs:
         path = os.path.join(scratch, f"op-{op}-{preset}-{mode}.json")
-        steps.append(Step(f"bench {op} {preset} {mode}", [python, "-m", "bench", "--op", op, "--preset", preset,
-                                                          "--mode", mode, "--min-seconds", str(min_seconds),
-                                                          "--max-runs", "30", "--out", path], 60, "op", path))
+        command = [python, "-m", "bench", "--op", op, "--preset", preset, "--mode", mode, "--min-seconds",
+                   str(min_seconds), "--max-runs", "30", "--out", path]
+        if names:
+            command += ["--providers", names]
+        steps.append(Step(f"bench {op} {preset} {mode}", command, 60, "op", path))
     return steps
 
 
@@ -261,8 +266,8 @@ def _main(args, out, deadline, log, scratch) -> int:
     cuda = not args.cpu
     if args.cpu:
         steps = plan(scratch, cuda=False, install=False, tests=False, e2e_preset="cpu-small",
-                     e2e_models=("cpu-llama",), op_runs=[("mose", "cpu-small", "fwd"), ("ar", "cpu-small", "fwd")],
-                     min_seconds=0.05)
+                     e2e_models=("cpu-llama",),
+                     op_runs=[("mose", "cpu-small", "fwd", None), ("ar", "cpu-small", "fwd", None)], min_seconds=0.05)
     else:
         steps = plan(scratch, install=not args.skip_install, tests=not args.skip_tests)
     return execute(steps, out, deadline, log, cuda=cuda)

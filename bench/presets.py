@@ -39,6 +39,8 @@ PRESETS = {
     },
     "ar": {
         "llama2-7b-prefill": lambda: _ar("llama2-7b", [1, 4], [1024, 4096, 16384], False, torch.bfloat16),
+        # The issue-4 target shape (prefill at L = 4096) alone: for baselines that compile per shape.
+        "llama2-7b-prefill-4k": lambda: _ar("llama2-7b", [1], [4096], False, torch.bfloat16),
         "llama2-7b-decode": lambda: _ar("llama2-7b", [1, 4], [1024, 4096, 16384], True, torch.bfloat16),
         "qwen2.5-omni-7b-prefill": lambda: _ar("qwen2.5-omni-7b", [1, 4], [1024, 4096, 16384], False, torch.bfloat16),
         "qwen2.5-omni-7b-decode": lambda: _ar("qwen2.5-omni-7b", [1, 4], [1024, 4096, 16384], True, torch.bfloat16),

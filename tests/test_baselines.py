@@ -28,3 +28,30 @@ def test_ar_eager_baseline(shape):
     o = ar_eager_materialised(*tensors, num_modalities=3, strength=0.6)
     ref, _ = ar_attention_reference(*tensors, num_modalities=3, strength=0.6)
     assert_close(o, ref, torch.float32)
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 2, 12, 12, 8), (1, 4, 1, 1, 20, 8), (1, 2, 2, 5, 17, 8)])
+def test_lse_merge_is_exact_ar(shape):
+    """The FlexAttention composition (one attention per class with its LSE, then merge) computes
+    DESIGN 2.2 exactly (here eagerly on the CPU)."""
+    from bench.providers.ar_flex import lse_merge_attention
+
+    args = make_ar_inputs(*shape, n_modalities=4, layout="random", seed=4)
+    tensors = [args[n] for n in ("q", "k", "v", "key_modality")]
+    kw = dict(num_modalities=4, balance=(1, 2), target=(1.0, 2.0), strength=0.7)
+    o = lse_merge_attention(*tensors, **kw)
+    ref, _ = ar_attention_reference(*tensors, **kw)
+    has_key = ref.abs().amax(-1, keepdim=True) > 0  # flex leaves queries without keys at 0 too
+    assert torch.equal(o * ~has_key, torch.zeros_like(o))
+    assert_close(o, ref, torch.float32)
+
+
+def test_flex_static_is_sdpa_with_the_bias():
+    from bench.providers.ar_flex import STATIC_BIAS, flex_static_attention
+
+    args = make_ar_inputs(2, 4, 2, 10, 10, 8, layout="av", left_pad=2)
+    tensors = [args[n] for n in ("q", "k", "v", "key_modality")]
+    ref, _ = ar_attention_reference(*tensors, num_modalities=3, strength=0.0, modality_bias=STATIC_BIAS)
+    o = flex_static_attention(*tensors)
+    real = args["key_modality"].cpu()[:, None, :, None].expand_as(o) >= 0  # queries at padding see nothing
+    assert_close(o[real], ref[real], torch.float32)

@@ -59,10 +59,11 @@ def test_runner_rejects_unknown_names(capsys):
 
 @pytest.mark.parametrize("op,name,mode", [("mose", "mosear_triton", "fwd"), ("mose", "mosear_triton", "fwd_bwd"),
                                           ("mose", "mosear_fused_linear", "fwd"),
-                                          ("mose", "mosear_fused_linear", "fwd_bwd"), ("ar", "mosear_triton", "fwd")])
-def test_triton_providers_run_through_the_interpreter(op, name, mode):
+                                          ("mose", "mosear_fused_linear", "fwd_bwd"), ("ar", "mosear_triton", "fwd"),
+                                          ("ar", "flex_static", "fwd"), ("ar", "lse_merge", "fwd")])
+def test_cuda_providers_run_on_tiny_cpu_shapes(op, name, mode):
     """The CUDA-only providers are timed on a GPU only; their wiring is checked here on tiny CPU
-    shapes through the Triton interpreter."""
+    shapes (Triton through its interpreter, FlexAttention eagerly)."""
     tiny = dict(TINY_MOSE, n_tokens=16, d_in=16, d_out=16) if op == "mose" else dict(TINY_AR, len_q=8, len_k=8)
     case = dict(tiny, mode=mode)
     assert providers(op)[name].unavailable(case) is not None  # not timed on the CPU
