@@ -8,8 +8,7 @@ peft): ``MoSEConfig``, ``ARConfig``, ``apply_mosear``, ``aux_loss``, ``attention
 ``MoSELinear``, ``modality_ids_from_spans``, ``modality_ids_from_token_ids``.
 """
 
-import importlib
-
+from ._lazy import lazy_attributes
 from .ops import ar_attention, mose_lora
 
 __version__ = "0.1.0"
@@ -26,18 +25,9 @@ _LAZY = {
     "modality_ids_from_spans": "modality",
     "modality_ids_from_token_ids": "modality",
     "DEFAULT_MODALITIES": "modality",
+    "load_trained": "trained",
 }
 
 __all__ = ["ar_attention", "mose_lora", "__version__", *_LAZY]
 
-
-def __getattr__(name):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)

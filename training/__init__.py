@@ -4,7 +4,7 @@ MoSE fitting (``MoSETrainer``, ``mosear-train``), ``load_trained`` and the demo.
 Importable without transformers: the fitting names below are imported on first use.
 """
 
-import importlib
+from mosear_fast._lazy import lazy_attributes
 
 from .camer import (
     AUDIO_ALIGNED,
@@ -56,10 +56,4 @@ __all__ = [
     }),
 ]
 
-
-def __getattr__(name):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
