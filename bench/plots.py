@@ -6,7 +6,7 @@ floor (right) against the prompt length, one line per (model, variant), log-2 le
 
 from __future__ import annotations
 
-import os
+from mosear_fast.atomic import atomic_save_figure
 
 FLOOR, EAGER = "backbone", "mosear_eager"
 STYLES = {"mosear_fast": "-o", "onnxruntime": "--s", "mosear_eager": ":^"}
@@ -70,7 +70,5 @@ def plot_e2e(result: dict, path: str) -> str | None:
     fig.suptitle(f"e2e {result['preset']}: {where}; {settings['layers']} layers, {settings['dtype']} "
                  f"(torch {env['torch']}, commit {env['commit']})", fontsize=9)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=90, metadata={"Software": None})
-    plt.close(fig)
+    atomic_save_figure(fig, path, dpi=90, metadata={"Software": None})
     return path

@@ -62,3 +62,14 @@ def atomic_save_tensors(
     contiguous = {name: t.contiguous() for name, t in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(contiguous, str(tmp), metadata=metadata)
+
+
+def atomic_save_figure(fig, path: str | os.PathLike, **savefig_kwargs) -> None:
+    """Save a matplotlib figure to ``path`` atomically (format from the suffix), then close it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", **savefig_kwargs)
+    finally:
+        plt.close(fig)

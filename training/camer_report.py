@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from mosear_fast.atomic import atomic_path, atomic_write_text
+from mosear_fast.atomic import atomic_save_figure, atomic_write_text
 
 from .camer import SUBSETS
 
@@ -129,8 +129,4 @@ def write_chart(path: str | os.PathLike, report: dict, *, title: str = "CA-MER e
         ax2.set_ylim(0, 1.2)  # headroom for the legend
         ax2.legend(loc="upper center", ncol=max(1, len(modalities)), fontsize=8)
     fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=120)
-    finally:
-        plt.close(fig)
+    atomic_save_figure(fig, path, dpi=120)

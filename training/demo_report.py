@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mosear_fast.atomic import atomic_path, atomic_write_text
+from mosear_fast.atomic import atomic_save_figure, atomic_write_text
 
 from .camer import AUDIO_ALIGNED, CONSISTENT, VIDEO_ALIGNED
 
@@ -97,11 +97,7 @@ def write_chart(path: Path, results: dict) -> None:
     ax2.legend(loc="upper center", ncol=3, fontsize=8)
     ax2.set_title("attention share per modality (text queries)", fontsize=10)
     fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
-    finally:
-        plt.close(fig)
+    atomic_save_figure(fig, path, dpi=110)
 
 
 def write_results(out_dir: Path, results: dict) -> None:
