@@ -6,7 +6,6 @@ Also the model-level readouts: ``aux_loss`` (MoSE regularizers of the last forwa
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import re
 
@@ -14,7 +13,7 @@ import torch
 from torch import nn
 
 from .ar_config import ARConfig
-from .context import check_same_modalities, ensure_context, find_decoder, share_context
+from .context import check_same_modalities, ensure_context, find_decoder, language_model_modules, share_context
 from .hf_attention import (
     EAGER_IMPLEMENTATION,
     IMPLEMENTATION,
@@ -24,7 +23,7 @@ from .hf_attention import (
     op_arguments,
     register_attention,
 )
-from .modality import DEFAULT_MODALITIES, placeholder_token_ids
+from .modality import DEFAULT_MODALITIES
 from .mose_linear import MoSELinear
 
 
@@ -73,12 +72,11 @@ def apply_mosear(model, mose=None, ar: ARConfig | None = None, *, adapter_name: 
     if ar is not None:
         ar_layers, model_attention = _check_ar_model(hf_model, decoder, ar)
     if mose is not None:
-        mose = _language_model_targets(hf_model, decoder, mose)
+        _check_targets(hf_model, mose)
         from peft import inject_adapter_in_model
 
         inject_adapter_in_model(mose, hf_model, adapter_name=adapter_name)  # installs the context too
     context = ensure_context(hf_model, modalities)
-    context.placeholder_tokens = placeholder_token_ids(getattr(hf_model, "config", None), modalities)
     share_context(hf_model, context)
     if ar is not None:
         register_attention()
@@ -108,29 +106,20 @@ def _linear_matches(model, targets) -> list[str]:
     return [name for name in names if any(name == t or name.endswith(f".{t}") for t in targets)]
 
 
-def _language_model_targets(model, decoder, config):
-    """``config``, narrowed to the language model's linears (the decoder's and the output head) when
-    its ``target_modules`` also match linears of encoders or projectors, whose inputs are not tokens of
-    the language model's sequence. A clear error when no linear matches."""
+def _check_targets(model, config) -> None:
+    """A clear error when no ``nn.Linear`` of the language model matches ``target_modules`` (PEFT's own error
+    names its internals). Matches in vision or audio encoders and projectors are left alone (the PEFT
+    method skips them: their inputs are not tokens of the language model's sequence)."""
     targets = config.target_modules
     matched = _linear_matches(model, targets)
-    if not matched:
-        leaves = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ValueError(f"MoSEConfig.target_modules: no nn.Linear of the model matches {targets!r}; its "
-                         f"linear layers are named {leaves}")
-    language = {id(m) for m in decoder.modules()}
-    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
-    if head is not None:
-        language.add(id(head))
     modules = dict(model.named_modules())
-    kept = [name for name in matched if id(modules[name]) in language]
-    if len(kept) == len(matched):
-        return config
-    if not kept:
-        raise ValueError(f"MoSEConfig.target_modules: {targets!r} matches only linears outside the language model "
-                         f"({matched[:4]}...); MoSE adapts the language model's linears (its tokens carry the "
-                         "modality ids), e.g. 'q_proj', 'v_proj'")
-    return dataclasses.replace(config, target_modules="|".join(re.escape(name) for name in kept))
+    language = language_model_modules(model)
+    if not any(id(modules[name]) in language for name in matched):
+        leaves = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                         if isinstance(m, nn.Linear) and id(m) in language})
+        outside = f" (only linears outside the language model match: {matched[:3]})" if matched else ""
+        raise ValueError(f"MoSEConfig.target_modules: no nn.Linear of the language model matches {targets!r}"
+                         f"{outside}; its linear layers are named {leaves}")
 
 
 def _attention_modules(model):

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .modality import check_modality_ids, modality_ids_from_placeholders
+from .modality import check_modality_ids, modality_ids_from_placeholders, placeholder_token_ids
 
 TEXT_ID = 0  # generated tokens and tokens without ids are modality 0 (text by convention)
 
@@ -209,6 +209,17 @@ def find_decoder(model):
     return decoder if isinstance(decoder, torch.nn.Module) else model
 
 
+def language_model_modules(model) -> set[int]:
+    """ids of the modules whose inputs are tokens of the language model's sequence: the decoder's and the
+    output head (not a vision or audio encoder's, nor a projector's)."""
+    decoder = find_decoder(model)
+    ids = {id(m) for m in decoder.modules()}
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    if isinstance(head, torch.nn.Module):
+        ids |= {id(m) for m in head.modules()}
+    return ids
+
+
 def _input_ids(args, kwargs):
     inputs = kwargs.get("input_ids", args[0] if args else None)
     return inputs if isinstance(inputs, torch.Tensor) else None
@@ -296,6 +307,7 @@ def ensure_context(model, modalities) -> ModalityContext:
         return context
     context = ModalityContext(modalities)
     context.model_name = type(model).__name__
+    context.placeholder_tokens = placeholder_token_ids(getattr(model, "config", None), context.modalities)
     model._mosear_context = context
     decoder = find_decoder(model)
     decoder._mosear_context = context
