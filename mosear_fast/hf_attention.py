@@ -117,6 +117,7 @@ def mosear_attention_forward(module, query, key, value, attention_mask, **kwargs
     key_ids = context.key_modality
     query_ids = context.current_query_modality()
     total = key_ids.shape[1]
+    given_mask = attention_mask  # layers of one type share it: checked once per forward
     if attention_mask is not None and attention_mask.shape[-1] >= key.shape[2]:
         attention_mask = attention_mask[..., :key.shape[2]]  # the columns of the keys given
     if key.shape[2] > total:  # a static cache: keys past the current position are empty slots
@@ -127,7 +128,7 @@ def mosear_attention_forward(module, query, key, value, attention_mask, **kwargs
     if query_ids.shape != (query.shape[0], query.shape[2]):
         raise ValueError(f"modality ids: {where} got {query.shape[2]} queries but the forward was "
                          f"given ids for {tuple(query_ids.shape)}")
-    _check_mask_once(context, where, attention_mask, key_ids, query_ids, window=window, causal=causal)
+    _check_mask_once(context, where, given_mask, attention_mask, key_ids, query_ids, window=window, causal=causal)
     # a broadcast compare rather than torch.isin, which the ONNX exporter cannot translate
     selected = (query_ids[..., None] == query_ids.new_tensor(settings["query_modalities"])).any(-1)
     record = settings["record_shares"] and not is_exporting()  # a monitoring read-out, not part of a graph
@@ -155,14 +156,14 @@ def _tracing() -> bool:
     return is_exporting() or torch.compiler.is_compiling() or capturing
 
 
-def _check_mask_once(context, where, attention_mask, key_ids, query_ids, *, window, causal) -> None:
-    """Raises unless ``attention_mask`` shows exactly the keys AR attends: causal (bottom-right), within
-    ``window``, not padding (key id -1); rows of padding queries are not compared. Done once per mask
-    object, window and causality in a forward."""
+def _check_mask_once(context, where, given_mask, attention_mask, key_ids, query_ids, *, window, causal) -> None:
+    """Raises unless ``attention_mask`` (``given_mask`` cut to the keys) shows exactly the keys AR attends:
+    causal (bottom-right), within ``window``, not padding (key id -1); rows of padding queries are not
+    compared. Done once per given mask object, window and causality in a forward."""
     if _tracing():
         return
     for seen in context.checked_masks:
-        if seen[0] is attention_mask and seen[1:] == (window, causal):
+        if seen[0] is given_mask and seen[1:] == (window, causal):
             return
     mismatch = _mask_mismatch(attention_mask, key_ids, query_ids >= 0, window=window, causal=causal)
     if mismatch:
@@ -175,7 +176,7 @@ def _check_mask_once(context, where, attention_mask, key_ids, query_ids, *, wind
             "that restart, without attention_mask), bidirectional attention among image tokens "
             "(token_type_ids), a custom 4-D mask, or modality id -1 on tokens the mask does not pad. Pass a "
             "2-D padding mask, or leave these layers without AR (ARConfig(layers=...))")
-    context.checked_masks.append((attention_mask, window, causal))
+    context.checked_masks.append((given_mask, window, causal))
 
 
 def _mask_mismatch(attention_mask, key_ids, real_query, *, window, causal) -> int:
