@@ -237,10 +237,13 @@ class Dot:
 def expected_mma(dots: list[Dot], compiled_dots: list[dict], num_warps: int) -> float | None:
     """Static MMA instructions one warp (mma.sync) or warpgroup (wgmma) needs if the work is split
     without duplication: per dot, (m x n x k) / (instruction m x n x k) / executing units, with the
-    instruction shape the compiler chose for that dot. None if a declared dot is not in the TTGIR."""
+    instruction shape the compiler chose for that dot. None if no TTGIR dot has a declared [m, n]."""
     total = 0.0
     for dot in dots:
-        match = next((c for c in compiled_dots if (c["m"], c["n"], c["k"]) == (dot.m, dot.n, dot.k)), None)
+        # the instruction the compiler chose for this dot; it may have split the dot along k
+        # (e.g. 64 x 32 x 64 as two 64 x 32 x 32 dots), so (m, n) is enough when k differs
+        match = next((c for c in compiled_dots if (c["m"], c["n"], c["k"]) == (dot.m, dot.n, dot.k)),
+                     next((c for c in compiled_dots if (c["m"], c["n"]) == (dot.m, dot.n)), None))
         if match is None:
             return None
         if match["instr"] is None:  # an FMA dot (fp32 IEEE): no tensor-core instructions
