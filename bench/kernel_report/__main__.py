@@ -17,7 +17,6 @@ kernel once; Triton's cache makes a rerun faster). Exit status 1 if a kernel did
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from mosear_fast.atomic import atomic_write_text
@@ -34,7 +33,7 @@ def main(argv=None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress and no table")
     args = p.parse_args(argv)
 
-    from .report import OPS, build, select_cases
+    from .report import OPS, build, dumps, select_cases
     from .table import roofline_lines, text_table
 
     ops = list(OPS) if args.op == "all" else [args.op]
@@ -49,7 +48,7 @@ def main(argv=None) -> int:
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     report = build(ops, args.case, log=log)
     if args.json:
-        atomic_write_text(args.json, json.dumps(report, indent=1) + "\n")
+        atomic_write_text(args.json, dumps(report))
     if not args.quiet:
         print(text_table(report["records"]))
         print()
