@@ -269,3 +269,37 @@ def test_cli_rejects_an_unknown_case(capsys):
     assert main(["--op", "ar", "--case", "no-such-case"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no-such-case" in err[0]
+
+
+def test_triton_compile_launches_of_a_launcher_script():
+    from tests.triton_compile import compile_launches
+
+    records = compile_launches("""
+        import torch
+        from mosear_fast.kernels.mose.function import mose_lora_triton
+
+        x, A, B = torch.empty(40, 48, dtype=torch.bfloat16), torch.empty(3, 8, 48, dtype=torch.bfloat16), \\
+            torch.empty(3, 2, 24, 8, dtype=torch.bfloat16)
+        mose_lora_triton(x, torch.randint(0, 3, (40,)), torch.randint(0, 2, (40, 1)), torch.rand(40, 1), A, B,
+                         torch.ones(3), None)
+    """, expected=2)
+    assert [r["kernel"] for r in records] == ["mose_shrink_kernel", "mose_expand_kernel"]
+    shrink = records[0]
+    assert shrink["grid"] == [1, 1, 1] and shrink["specialisation"]["constexprs"]["BLOCK_T"] == 64
+    # the real specialisation: d_in = 48 is divisible by 16, N = 40 is not
+    assert "D_IN" in shrink["specialisation"]["divisible_by_16"]
+    assert "N" not in shrink["specialisation"]["divisible_by_16"]
+    assert 0 < shrink["regs"] <= 255 and shrink["spill_bytes"] == 0
+
+
+def test_render_shows_the_headline_rows_only():
+    from bench.render import kernel_report_section
+
+    with open(ROOT / "bench" / "results" / "kernel-report-sm90a.json") as f:
+        report = json.load(f)
+    text = kernel_report_section(report)
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| kernel")]
+    main = [r for r in report["records"] if r["case"]["main"]]
+    assert 0 < len(main) < len(report["records"]) and len(rows) == len(main)
+    assert all(f" {r['case']['name']} " in row for r, row in zip(main, rows))
+    assert "Static kernel report (sm_90a, no GPU)" in text and report["environment"]["triton"] in text

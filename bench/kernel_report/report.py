@@ -42,19 +42,75 @@ def select_cases(op_names, names=None) -> list:
     return [c for c in cases if c.name in set(names)]
 
 
-def capture(case) -> list[tuple]:
-    """``(launch, specialisation)`` for each launch the case's launchers make, planned as on an H100."""
+def capture_call(call, label: str = "the call") -> list[tuple]:
+    """``(launch, specialisation)`` for each launch ``call()`` makes, planned as on an H100."""
     from mosear_fast.kernels.target import pretend
 
     from .capture import record_launches
     from .specialise import specialise
 
     with pretend(), record_launches() as launches:
-        case.run()
+        call()
     if not launches:
-        raise RuntimeError(f"case {case.name}: the launchers made no kernel launch")
+        raise RuntimeError(f"{label}: the launchers made no kernel launch")
     # specialise now (it needs only pointers' alignment and the ints), so the tensors can go
     return [(launch, specialise(launch.kernel, launch.args, launch.kwargs)) for launch in launches]
+
+
+def compile_all(specs, log=print) -> tuple[dict, list]:
+    """Compiles and measures each distinct specialisation once: ``({key: facts or None}, errors)``."""
+    from .specialise import _backend, compile_specialisation
+
+    unique = {}
+    for spec in specs:
+        unique.setdefault(spec.key, spec)
+    facts, errors = {}, []
+    for i, (key, spec) in enumerate(unique.items(), 1):
+        t0 = time.perf_counter()
+        try:
+            compiled = compile_specialisation(spec)
+            facts[key] = measure(compiled, _backend(spec.target), spec.options)
+        except Exception as err:  # noqa: BLE001  (one broken kernel must not hide the others)
+            facts[key] = None
+            errors.append(dict(kernel=spec.kernel.fn.__name__, error=f"{type(err).__name__}: {str(err)[:500]}"))
+        log(f"  [{i}/{len(unique)}] {spec.kernel.fn.__name__} ({time.perf_counter() - t0:.1f} s)")
+    return facts, errors
+
+
+def declared_dots(kernel: str, constexprs: dict):
+    """The tile math of ``kernel`` from the op module that describes it (None if none does)."""
+    for op in OPS:
+        dots = op_module(op).dots(kernel, constexprs)
+        if dots is not None:
+            return dots
+    return None
+
+
+def launch_record(launch, spec, fact: dict) -> dict:
+    """The measured facts of one launch (everything but the op and the case)."""
+    declared = declared_dots(launch.name, spec.named_constexprs())
+    expected = expected_mma(declared, fact["ttgir_dots"], fact["num_warps"]) if declared is not None else None
+    return dict(
+        kernel=launch.name, grid=list(launch.grid), grid_size=launch.grid_size,
+        **{k: fact[k] for k in ("num_warps", "num_stages", "regs", "spill_bytes", "spill_stores", "spill_loads",
+                                "smem_bytes", "ctas_per_sm", "occupancy", "occupancy_limiter")},
+        waves=waves(launch.grid_size, fact["ctas_per_sm"]),
+        mma_instructions=fact["mma_instructions"], expected_mma_instructions=expected,
+        mma_by_shape=fact["mma_by_shape"],
+        **{k: fact[k] for k in ("pipelined", "async_copies_in_loop", "loads_in_loop", "ex2", "ttgir_dots")},
+        specialisation=dict(constexprs={k: _json_value(v) for k, v in spec.named_constexprs().items()},
+                            divisible_by_16=spec.divisible_by_16()),
+    )
+
+
+def call_records(call) -> list[dict]:
+    """Records of every launch ``call()`` makes (for tests that compile launcher calls of their own
+    shapes); raises if a kernel does not compile. Run it where the Triton interpreter is off."""
+    launches = capture_call(call)
+    facts, errors = compile_all([spec for _, spec in launches], log=lambda s: None)
+    if errors:
+        raise RuntimeError(f"kernels that did not compile: {errors}")
+    return [launch_record(launch, spec, facts[spec.key]) for launch, spec in launches]
 
 
 def _environment() -> dict:
@@ -69,52 +125,19 @@ def _environment() -> dict:
 
 def build(op_names, case_names=None, log=print) -> dict:
     """The report of the given ops (and cases): ``{"environment", "records", "roofline", "errors"}``."""
-    from .specialise import _backend, compile_specialisation
-
     started = time.perf_counter()
-    captured = []  # (case, [(launch, spec)])
-    for case in select_cases(op_names, case_names):
-        captured.append((case, capture(case)))
-    unique = {}
-    for _, launches in captured:
-        for _, spec in launches:
-            unique.setdefault(spec.key, spec)
+    captured = [(case, capture_call(case.run, f"case {case.name}")) for case in select_cases(op_names, case_names)]
     log(f"kernel report: {sum(len(x) for _, x in captured)} launches in {len(captured)} cases, "
-        f"{len(unique)} distinct specialisations to compile for sm_90a")
-    facts, errors = {}, []
-    for i, (key, spec) in enumerate(unique.items(), 1):
-        t0 = time.perf_counter()
-        try:
-            compiled = compile_specialisation(spec)
-            facts[key] = measure(compiled, _backend(spec.target), spec.options)
-        except Exception as err:  # noqa: BLE001  (one broken kernel must not hide the others)
-            facts[key] = None
-            errors.append(dict(kernel=spec.kernel.fn.__name__, error=f"{type(err).__name__}: {str(err)[:500]}"))
-        log(f"  [{i}/{len(unique)}] {spec.kernel.fn.__name__} ({time.perf_counter() - t0:.1f} s)")
+        f"{len({spec.key for _, x in captured for _, spec in x})} distinct specialisations to compile for sm_90a")
+    facts, errors = compile_all([spec for _, launches in captured for _, spec in launches], log)
 
     records, roofline = [], []
     for case, launches in captured:
-        module = op_module(case.op)
         case_info = dict(name=case.name, main=case.main, **case.params)
         for launch, spec in launches:
-            fact = facts[spec.key]
-            if fact is None:
-                continue
-            declared = module.dots(launch.name, spec.named_constexprs())
-            expected = (expected_mma(declared, fact["ttgir_dots"], fact["num_warps"]) if declared is not None
-                        else None)
-            records.append(dict(
-                op=case.op, kernel=launch.name, case=case_info, grid=list(launch.grid), grid_size=launch.grid_size,
-                **{k: fact[k] for k in ("num_warps", "num_stages", "regs", "spill_bytes", "spill_stores",
-                                        "spill_loads", "smem_bytes", "ctas_per_sm", "occupancy",
-                                        "occupancy_limiter")},
-                waves=waves(launch.grid_size, fact["ctas_per_sm"]),
-                mma_instructions=fact["mma_instructions"], expected_mma_instructions=expected,
-                mma_by_shape=fact["mma_by_shape"],
-                **{k: fact[k] for k in ("pipelined", "async_copies_in_loop", "loads_in_loop", "ex2", "ttgir_dots")},
-                specialisation=dict(constexprs={k: _json_value(v) for k, v in spec.named_constexprs().items()},
-                                    divisible_by_16=spec.divisible_by_16()),
-            ))
+            if facts[spec.key] is not None:
+                record = launch_record(launch, spec, facts[spec.key])
+                records.append(dict(op=case.op, kernel=record.pop("kernel"), case=case_info, **record))
         if case.roofline:
             roofline.append(dict(op=case.op, case=case.name, **roofline_times(**case.roofline)))
     log(f"kernel report: done in {time.perf_counter() - started:.0f} s")
