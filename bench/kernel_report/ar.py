@@ -55,15 +55,15 @@ def _roofline(shape: dict, dtype: torch.dtype, causal: bool, return_masses: bool
     return dict(bytes=moved, flops=work)
 
 
-def _case(shape: dict, dtype: torch.dtype, flags: dict, variant: str = "", *, main: bool) -> Case:
+def _case(shape: dict, dtype: torch.dtype, flags: dict, variant: str = "") -> Case:
     mode = "decode" if shape["len_q"] == 1 else "prefill"
     name = f"{mode}-{shape['model']}-b{shape['batch']}-l{shape['len_k']}-{DTYPE_SHORT[dtype]}"
     name += f"+{variant}" if variant else ""
     dims = {k: shape[k] for k in ("batch", "n_q_heads", "n_kv_heads", "len_q", "len_k", "head_dim")}
     full = {**dict(causal=True, return_masses=False, query_mask=False, key_bias=False), **flags}
     params = dict(model=shape["model"], mode=mode, **dims, dtype=dtype_name(dtype), **full,
-                  num_modalities=4 if full["key_bias"] else 3, balance=list(BALANCE))
-    return Case(OP, name, params, functools.partial(_run, **dims, dtype=dtype, **flags), main=main,
+                  num_modalities=4 if full["key_bias"] else 3, balance=list(BALANCE), variant=variant)
+    return Case(OP, name, params, functools.partial(_run, **dims, dtype=dtype, **flags), main=name in MAIN,
                 roofline=_roofline(shape, dtype, full["causal"], full["return_masses"]))
 
 
@@ -73,15 +73,15 @@ def cases() -> list[Case]:
     for preset, make in PRESETS[OP].items():
         if not preset.startswith("cpu"):
             for shape in make():
-                shapes.setdefault(_case(shape, shape["dtype"], {}, main=False).name, shape)
-    found = [_case(shape, shape["dtype"], {}, main=name in MAIN) for name, shape in shapes.items()]
+                shapes.setdefault(_case(shape, shape["dtype"], {}).name, shape)
+    found = [_case(shape, shape["dtype"], {}) for shape in shapes.values()]
     for name in MAIN:
         shape = shapes[name]
         for variant, flags in VARIANTS.items():
             if shape["len_q"] == 1 and "causal" in flags:
                 continue  # one query at the end of the keys: causal or not is the same call
-            found.append(_case(shape, torch.bfloat16, flags, variant, main=True))
-        found += [_case(shape, dtype, {}, main=True) for dtype in DTYPE_VARIANTS]
+            found.append(_case(shape, torch.bfloat16, flags, variant))
+        found += [_case(shape, dtype, {}) for dtype in DTYPE_VARIANTS]
     return found
 
 

@@ -72,7 +72,7 @@ def _roofline(kind: str, n, d_in, d_out, r, k, size) -> dict:
     return dict(bytes=size * (2 * n * d_in + 2 * n * d_out + d_in * d_out), flops=2 * base + 3 * adapter)
 
 
-def _case(kind: str, shape: dict, dtype: torch.dtype, flags: dict, variant: str = "", *, main: bool) -> Case:
+def _case(kind: str, shape: dict, dtype: torch.dtype, flags: dict, variant: str = "") -> Case:
     top_k = flags.get("top_k", shape["top_k"])
     name = (f"{kind}-{shape['d_in']}x{shape['d_out']}-n{shape['n_tokens']}-r{shape['rank']}-top{top_k}-"
             f"{DTYPE_SHORT[dtype]}" + (f"+{variant}" if variant and variant != "top2" else ""))
@@ -84,10 +84,10 @@ def _case(kind: str, shape: dict, dtype: torch.dtype, flags: dict, variant: str 
     full = {**defaults, **flags}
     run = functools.partial(_run_lora if kind == "lora" else _run_linear, **dims, dtype=dtype, **full)
     params = dict(entry="mose_lora" if kind == "lora" else "mose_linear", **dims, dtype=dtype_name(dtype), **full,
-                  passes="fwd+bwd")
+                  passes="fwd+bwd", variant=variant)
     size = torch.empty((), dtype=dtype).element_size()
     roof = _roofline(kind, shape["n_tokens"], shape["d_in"], shape["d_out"], shape["rank"], full["top_k"], size)
-    return Case(OP, name, params, run, main=main, roofline=roof)
+    return Case(OP, name, params, run, main=name in MAIN, roofline=roof)
 
 
 def cases() -> list[Case]:
@@ -99,18 +99,18 @@ def cases() -> list[Case]:
             continue
         for shape in make():
             for kind in ("lora", "linear"):
-                case = _case(kind, shape, shape["dtype"], {}, main=False)
+                case = _case(kind, shape, shape["dtype"], {})
                 shapes[case.name] = shape
-                found.setdefault(case.name, Case(**{**case.__dict__, "main": case.name in MAIN}))
+                found.setdefault(case.name, case)
     for name in MAIN:
         kind, shape = name.split("-", 1)[0], shapes[name]
         for variant, flags in VARIANTS.items():
             if kind == "linear" and set(flags) & {"with_out", "inplace"}:
                 continue  # mose_linear has no out
-            case = _case(kind, shape, torch.bfloat16, flags, variant, main=True)
+            case = _case(kind, shape, torch.bfloat16, flags, variant)
             found.setdefault(case.name, case)
         for dtype in DTYPE_VARIANTS:
-            case = _case(kind, shape, dtype, {}, main=True)
+            case = _case(kind, shape, dtype, {})
             found.setdefault(case.name, case)
     return list(found.values())
 
