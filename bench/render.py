@@ -8,7 +8,8 @@ Four kinds of JSON files are read: one op benchmark (``python -m bench``), an op
 op results in one file, ``"kind": "op-bundle"``, as the GPU script writes them), an end-to-end
 benchmark (``"kind": "e2e"``, ``python -m bench.e2e``) and the static kernel report
 (``"kind": "kernel-report"``, ``python -m bench.kernel_report``). GPU results come first, then the
-kernel report; CPU results are shown apart and labelled. Every table row names the card, the library versions and the commit.
+kernel report; CPU results are shown apart and labelled. Every table row names the card, the
+library versions and the commit.
 """
 
 from __future__ import annotations

@@ -303,3 +303,18 @@ def test_render_shows_the_headline_rows_only():
     assert 0 < len(main) < len(report["records"]) and len(rows) == len(main)
     assert all(f" {r['case']['name']} " in row for r, row in zip(main, rows))
     assert "Static kernel report (sm_90a, no GPU)" in text and report["environment"]["triton"] in text
+
+
+def test_recorder_records_every_config_of_an_autotuned_kernel():
+    import triton
+
+    def scale(x_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * 2, mask=offs < n)
+
+    configs = [triton.Config({"BLOCK": 64}, num_warps=2), triton.Config({"BLOCK": 128}, num_warps=4)]
+    tuned = triton.autotune(configs, key=["n"])(JITFunction(scale))
+    with record_launches() as launches:
+        tuned[lambda meta: (triton.cdiv(meta["n"], meta["BLOCK"]),)](torch.empty(1000), 1000)
+    assert [(launch.kwargs["BLOCK"], launch.kwargs["num_warps"], launch.grid) for launch in launches] == [
+        (64, 2, (16, 1, 1)), (128, 4, (8, 1, 1))]

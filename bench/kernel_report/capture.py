@@ -4,8 +4,10 @@
 ``InterpretedFunction.run`` under ``TRITON_INTERPRET=1``) for a recorder that stores
 ``(kernel, grid, args, kwargs)`` and returns. It works at the class level, so every kernel object is
 covered, whichever module imported it; the launcher's own code (block sizes, split-k, allocation)
-runs unchanged. Combine it with ``mosear_fast.kernels.target.pretend()`` so that the launch planning
-on CPU tensors is the one of the GPU target.
+runs unchanged. An autotuned kernel (``triton.autotune``) is recorded once per config, since
+which config wins is decided by timing on the GPU. Combine it with
+``mosear_fast.kernels.target.pretend()`` so that the launch planning on CPU tensors is the one of the
+GPU target.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 
+from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
 try:  # the interpreter's kernel class (kernels decorated under TRITON_INTERPRET=1)
@@ -64,11 +67,16 @@ def record_launches():
         launches.append(Launch(self, _canonical_grid(grid, self, args, kwargs), args, dict(kwargs)))
         return None
 
-    classes = [c for c in (JITFunction, InterpretedFunction) if c is not None]
-    saved = [(c, c.__dict__["run"]) for c in classes]
+    def every_config(self, *args, **kwargs):
+        for config in self.configs:
+            self.fn.run(*args, **{**kwargs, **config.all_kwargs()})
+
+    swaps = [(c, recorder) for c in (JITFunction, InterpretedFunction) if c is not None]
+    swaps.append((Autotuner, every_config))
+    saved = [(c, c.__dict__["run"]) for c, _ in swaps]
     try:
-        for c in classes:
-            c.run = recorder
+        for c, run in swaps:
+            c.run = run
         yield launches
     finally:
         for c, run in saved:
