@@ -14,7 +14,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -114,25 +114,36 @@ def publish_folder(staging: str | os.PathLike, target: str | os.PathLike, *, las
 
 
 @contextlib.contextmanager
-def staged_folder(target: str | os.PathLike, *, last: tuple[str, ...] = ()) -> Iterator[Path]:
-    """Yield an empty staging folder beside ``target``; write the files of one unit into it.
+def staged_folder(target: str | os.PathLike, *, last: tuple[str, ...] = (), staging: str | os.PathLike | None = None,
+                  keep_on_error: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+    """Yield a staging folder beside ``target``; write the files of one unit into it.
 
     When the block succeeds, :func:`publish_folder` moves them into ``target``. When it raises, the
     staging folder is removed and ``target`` is left exactly as it was (a previous good result
     survives a failed run); folders created only to hold ``target`` are removed again.
+
+    ``staging``: a fixed staging folder (created when missing; what it holds is kept), for a run that
+    other processes share or that a later run resumes; default: a new, empty, uniquely named one.
+    ``keep_on_error(staging)``: True keeps the staging folder after a failure (e.g. it holds
+    checkpoints to resume from).
     """
     target = Path(target)
     missing = [p for p in (target.parent, *target.parent.parents) if not p.exists()]
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.staging-"))
+    if staging is None:
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.staging-"))
+    else:
+        staging = Path(staging)
+        staging.mkdir(exist_ok=True)
     try:
         yield staging
         publish_folder(staging, target, last=last)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        for folder in missing:  # innermost first
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+        if keep_on_error is None or not keep_on_error(staging):
+            shutil.rmtree(staging, ignore_errors=True)
+            for folder in missing:  # innermost first
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
         raise
 
 

@@ -59,6 +59,12 @@ class MoSETrainer(Trainer):
     def __init__(self, *args, modalities=("text", "visual", "audio"), llm=None,
                  folder_files: Mapping[str, dict] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.args.fsdp and not self.is_fsdp_enabled:
+            # accelerate drops the FSDP plugin without a word when the run is not a multi-process run on
+            # accelerators (accelerate 1.15 enables FSDP for MULTI_GPU/XPU/NPU/..., never MULTI_CPU).
+            raise ValueError(f"fsdp: accelerate did not enable FSDP for this run "
+                             f"({self.accelerator.distributed_type.value}); FSDP needs a multi-process launch "
+                             "(torchrun --nproc_per_node N) on GPUs or other accelerators")
         self.modalities = tuple(modalities)
         self._llm = llm
         self.folder_files = dict(folder_files or {})
@@ -120,6 +126,14 @@ class MoSETrainer(Trainer):
 
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(self.state.best_model_checkpoint)
+
+
+def barrier() -> None:
+    """Wait for every rank of a torch.distributed run; no-op outside one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def is_main_process() -> bool:
