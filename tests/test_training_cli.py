@@ -183,3 +183,9 @@ def test_failure_keeps_a_previous_output_and_the_checkpoints_of_the_failed_run(t
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3
     assert (out / "adapter.safetensors").read_bytes() != previous["adapter.safetensors"]
     load_trained(out)
+
+
+def test_fsdp_in_one_process_is_refused(tmp_path, capsys):
+    # (transformers' own check; a multi-process CPU run is refused by MoSETrainer: tests/test_training_ddp.py)
+    _fails_cleanly(tmp_path, capsys, ["--output-dir", str(tmp_path / "out"), *SMALL, "--fsdp", "true"],
+                   "fsdp only works in distributed training")

@@ -5,9 +5,12 @@ accumulation, schedulers, checkpoint rotation, resume, DDP/FSDP through accelera
 is the Trainer's own):
 
 - the loss is the model's task loss plus ``aux_loss`` (load balance + router z-loss, DESIGN 2.1);
-  the dynamic modality weights update inside each training forward (the adapters do it);
+  the dynamic modality weights update inside each training forward (the adapters do it); in a
+  distributed run the router statistics of the regularizers are the global batch's (all-reduced in
+  ``MoSEAdapter._regularizers``, gradients scaled so DDP/FSDP averaging gives one process's gradient);
 - in a distributed run the update-norm EMAs are averaged over ranks after every micro-step, so all
   ranks use the same ``w_m`` (``adapter_state.sync_dynamic_weights``);
+- ``fsdp`` that accelerate silently dropped (a CPU or one-process run) is refused, not run as DDP;
 - logs: ``task_loss``, ``aux_loss``, per-modality weights, expert load and (with AR) attention shares;
 - checkpoints hold the adapter only (``adapter.safetensors``, dynamic-weight buffers included), the
   JSON files given as ``folder_files`` (configs, backbone reference), ``training_args.json`` and the
