@@ -151,6 +151,11 @@ def _numbered_manifest(path: str | os.PathLike) -> list[tuple[int, dict]]:
     return rows
 
 
+class MissingSampleError(FileNotFoundError, ValueError):
+    """A manifest row whose tensor file does not exist: a FileNotFoundError that is also the ValueError
+    every other unusable sample raises, with a message naming the manifest line and the file."""
+
+
 class ManifestDataset(Dataset):
     """A torch Dataset over a manifest; item i reads sample i's safetensors file on access.
 
@@ -181,9 +186,9 @@ class ManifestDataset(Dataset):
         return p if p.is_absolute() else self.root / p
 
     def __getitem__(self, index: int) -> dict:
-        """Read sample ``index``. A file that is missing, unreadable or not safetensors, or lacks a
-        modality, is a ValueError naming the manifest line and the file (files are read only here,
-        so such an error comes during training, not when the dataset is built)."""
+        """Read sample ``index``. A file that is missing (:class:`MissingSampleError`), unreadable or not
+        safetensors, or lacks a modality, is a ValueError naming the manifest line and the file (files
+        are read only here, so such an error comes during training, not when the dataset is built)."""
         from safetensors import SafetensorError, safe_open
 
         row = self.rows[index]
@@ -197,7 +202,7 @@ class ManifestDataset(Dataset):
                     raise ValueError(f"{where}: sample {row['id']!r} has no tensor for modality {missing}")
                 inputs = {m: f.get_tensor(m) for m in names}
         except FileNotFoundError:
-            raise ValueError(f"{where}: no such file") from None
+            raise MissingSampleError(f"{where}: no such file") from None
         except OSError as e:  # safetensors gives no filename; errno text only
             raise ValueError(f"{where}: cannot read ({e.strerror or e})") from None
         except SafetensorError as e:
