@@ -64,12 +64,12 @@ def record_wrapping(path: str) -> None:
     MoSETrainer.train = recording_train
 
 
-def run_training(out: Path, per_device_batch: int, mode: str, world: int) -> dict:
+def run_training(out: Path, per_device_batch: int, mode: str, world: int, *extra: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     launcher = [sys.executable] if world == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)]
-    subprocess.run([*launcher, __file__, str(out), str(per_device_batch), mode], check=True, env=env, cwd=ROOT,
-                   timeout=300)
+    subprocess.run([*launcher, __file__, str(out), str(per_device_batch), mode, *extra], check=True, env=env,
+                   cwd=ROOT, timeout=300)
     from safetensors.torch import load_file
 
     return load_file(str(out / "adapter.safetensors"))
@@ -94,11 +94,34 @@ def test_two_process_ddp_equals_one_process(tmp_path, one_process_adapter):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # published; no staging folder left
 
 
-def test_two_process_fsdp_equals_one_process(tmp_path, one_process_adapter):
-    two = run_training(tmp_path / "out", 4, "fsdp", world=2)
-    wrapping = json.loads((tmp_path / "out.wrapping.json").read_text())
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp") / "out"
+    return out, run_training(out, 4, "fsdp", 2, "--save-steps", "3")  # checkpoint-3 for the resume test
+
+
+def test_two_process_fsdp_equals_one_process(fsdp_run, one_process_adapter):
+    out, two = fsdp_run
+    wrapping = json.loads(out.with_name("out.wrapping.json").read_text())
     assert wrapping["fsdp"] and wrapping["sharded"] == wrapping["params"] > 0, wrapping  # really FSDP2
     assert_same_adapter(one_process_adapter, two)
+
+
+@pytest.mark.slow
+def test_fsdp_run_resumed_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, fsdp_run):
+    # The checkpoint holds full adapter tensors; resuming loads them into FSDP2's sharded parameters.
+    out, uninterrupted = fsdp_run
+    resumed = run_training(tmp_path / "out", 4, "fsdp", 2, "--save-steps", "3", "--resume",
+                           str(out / "checkpoint-3"))
+    assert json.loads((tmp_path / "out" / "trainer_state.json").read_text())["global_step"] == 6
+    for name in uninterrupted:
+        assert torch_equal(uninterrupted[name], resumed[name]), name
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
 def regularizers_across_ranks(out: str) -> None:
@@ -175,4 +198,5 @@ if __name__ == "__main__":
     if mode == "fsdp":
         lift_accelerate_cpu_gate()
         record_wrapping(f"{out}.wrapping.json")
-    sys.exit(train_cli.main(["--output-dir", out, "--batch-size", per_device_batch, *SETTINGS, *extra]))
+    sys.exit(train_cli.main(["--output-dir", out, "--batch-size", per_device_batch, *SETTINGS, *extra,
+                             *sys.argv[4:]]))

@@ -24,6 +24,7 @@ come from ``apply_mosear``; only adapter parameters should require grad (``freez
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Mapping
@@ -125,10 +126,33 @@ class MoSETrainer(Trainer):
         if not os.path.isfile(path):
             raise ValueError(f"resume_from_checkpoint: {resume_from_checkpoint} has no {ADAPTER_FILE}; expected "
                              "a checkpoint folder written by MoSETrainer")
-        load_adapter(self.accelerator.unwrap_model(model if model is not None else self.model), path)
+        target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        with full_tensors_into_shards(target) if self.is_fsdp_enabled else contextlib.nullcontext():
+            load_adapter(target, path)
 
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(self.state.best_model_checkpoint)
+
+
+@contextlib.contextmanager
+def full_tensors_into_shards(model):
+    """While active, ``model.load_state_dict`` takes full tensors for FSDP2's sharded (DTensor) parameters:
+    each is distributed with its parameter's mesh and placements (a checkpoint holds full tensors)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    sharded = {name: p for name, p in model.named_parameters() if isinstance(p, DTensor)}
+
+    def shard(module, state_dict, prefix, *args):
+        for name, tensor in list(state_dict.items()):
+            param = sharded.get(name[len(prefix):]) if name.startswith(prefix) else None
+            if param is not None and not isinstance(tensor, DTensor):
+                state_dict[name] = distribute_tensor(tensor.to(param.dtype), param.device_mesh, param.placements)
+
+    handle = model.register_load_state_dict_pre_hook(shard)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def barrier() -> None:
