@@ -193,7 +193,7 @@ class MoSEAdapter(nn.Module):
         prob_sum = torch.zeros_like(dispatched).index_add(0, unit_slot, probs)  # [Ma, E]  S, differentiable
         z_sum = torch.logsumexp(logits, dim=-1).pow(2).sum()  # Z, differentiable
 
-        def load_balance_of(prob_sums):
+        def load_balance_of(prob_sums):  # reads F and C when called: after the all_reduce, the global ones
             per_slot = n_experts * (dispatched * prob_sums).sum(-1) / count.clamp_min(1) ** 2  # E * sum_e f * P
             present = (count > 0).to(per_slot.dtype)  # (no boolean indexing: no host sync)
             return (per_slot * present).sum() / present.sum().clamp_min(1)
