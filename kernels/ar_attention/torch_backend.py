@@ -43,11 +43,18 @@ def balance_tables(num_modalities, balance, target, device):
     """``(in_balance, tau)`` for ``reallocate_masses``: in_balance (M,) bool; tau float32 targets
     (zero outside the balance set), (M,) for one target or (Hq, M) for per-head targets (``target`` a
     tuple of Hq rows). Built from Python values (graph constants when exported, no index writes)."""
-    rows = [(1.0,) * len(balance)] if target is None else (target if isinstance(target[0], tuple) else [target])
-    tau = [[dict(zip(balance, row)).get(m, 0.0) for m in range(num_modalities)] for row in rows]
+    per_head = target is not None and isinstance(target[0], tuple)
+    rows = target if per_head else [(1.0,) * len(balance) if target is None else target]
+    tau = torch.tensor([[dict(zip(balance, row)).get(m, 0.0) for m in range(num_modalities)] for row in rows],
+                       dtype=torch.float32, device=device)
     in_balance = torch.tensor([m in balance for m in range(num_modalities)], dtype=torch.bool, device=device)
-    tau = torch.tensor(tau, dtype=torch.float32, device=device)
-    return in_balance, (tau[0] if target is None or not isinstance(target[0], tuple) else tau)
+    return in_balance, (tau if per_head else tau[0])
+
+
+def slot_table(num_modalities, balance, device):
+    """[|S|, M] float32 one-hot: balance slot s -> its modality (from Python values: a graph constant)."""
+    return torch.tensor([[float(m == b) for m in range(num_modalities)] for b in balance], dtype=torch.float32,
+                        device=device)
 
 
 def reallocate_masses(mass, has_key, *, in_balance, tau, strength, threshold, selected, vbar_norm=None):
@@ -120,10 +127,8 @@ def ar_attention_torch(
     in_balance, tau = balance_tables(n_mod, balance, target, device)
     if tau.dim() == 2:  # per query head: [Hq, M] -> [Hkv, G, 1, M] against the chunk's [B, Hkv, G, c, M]
         tau = tau.view(n_kv_heads, group, 1, n_mod)
-    # contribution balancing: balance slot -> modality, [|S|, M] (None: balancing by mass)
-    to_slots = None
-    if balance_by == "contribution":
-        to_slots = torch.nn.functional.one_hot(torch.tensor(balance, device=device), n_mod).to(f32)
+    # strength 0 moves nothing: plain attention through the single P @ V whatever balance_by says
+    to_slots = slot_table(n_mod, balance, device) if balance_by == "contribution" and strength > 0 else None
 
     o = empty_output((batch, n_kv_heads, group, len_q, head_dim), dtype=q.dtype, device=device)
     masses = empty_output((batch, n_kv_heads, group, len_q, n_mod), dtype=f32, device=device)
@@ -201,6 +206,28 @@ def _attend_chunk(q_c, k32, v32, key_class, key_valid, bias, *, first_query_pos,
     if bool((has_key & (class_sum < _UNDERFLOW)).any()):
         p, class_max, class_sum = _modality_max_probs(scores, key_class, n_mod)
 
+    if selected is None:
+        selected = torch.ones((), dtype=torch.bool, device=q_c.device)
+    realloc = functools.partial(reallocate_masses, in_balance=in_balance, tau=tau, strength=strength,
+                                threshold=threshold, selected=selected)
+
+    def times_v(weights):  # [B, Hkv, G, c, ..., Lk] @ v: one matmul per KV head, no copy of v
+        return (weights.reshape(batch, n_kv_heads, -1, len_k) @ v32).view(*weights.shape[:-1], head_dim)
+
+    return reallocated_output(p, class_max, class_sum, has_key, one_hot, bias, realloc=realloc,
+                              to_slots=to_slots, in_balance=in_balance, times_v=times_v)
+
+
+def reallocated_output(p, class_max, class_sum, has_key, one_hot, bias, *, realloc, to_slots, in_balance,
+                       times_v):
+    """From the probabilities to the output (shared with the static export form).
+
+    p [.., c, Lk]: ``exp(s_j - class_max[mu(j)])`` (0 where invisible); class_max / class_sum /
+    has_key [.., c, M]: each modality's shift, sum of p and "has a visible key"; one_hot [.., Lk, M]
+    (broadcastable); bias (M,). ``realloc(mass, has_key, vbar_norm=None)`` is ``reallocate_masses``
+    with the call's settings; ``to_slots`` [|S|, M] for balancing by contribution (None: by mass);
+    ``times_v(w)`` multiplies weights [.., c, ..., Lk] by v. Returns (o [.., c, D], masses [.., c, M]).
+    """
     # Pre-reallocation masses, all relative to the global max; the static bias shifts a whole modality.
     class_max = class_max + bias
     global_max = torch.where(has_key, class_max, torch.full_like(class_max, -float("inf"))).amax(-1, True)
@@ -208,37 +235,20 @@ def _attend_chunk(q_c, k32, v32, key_class, key_valid, bias, *, first_query_pos,
     z = torch.where(has_key, class_sum * torch.exp(class_max - global_max), torch.zeros_like(class_sum))
     mass = z / z.sum(-1, keepdim=True).clamp_min(1e-30)  # zeros for a query without visible keys
 
-    if selected is None:
-        selected = torch.ones((), dtype=torch.bool, device=q_c.device)
-    realloc = functools.partial(reallocate_masses, in_balance=in_balance, tau=tau, strength=strength,
-                                threshold=threshold, selected=selected)
     inv_sum = torch.where(has_key, 1 / class_sum.clamp_min(1e-30), torch.zeros_like(class_sum))  # 1 / l_m
+    keys_of = one_hot.transpose(-1, -2)  # [.., M, Lk]
     if to_slots is None:  # balancing by mass: one P @ V
         per_class = realloc(mass, has_key) * inv_sum  # P'_m / l_m
-        weights = p * (per_class @ one_hot.transpose(-1, -2))  # [B,Hkv,G,c,Lk]: P'_m / l_m on each key of m
-        o = weights.view(batch, n_kv_heads, group * n_rows, len_k) @ v32  # [B,Hkv,G*c,D]
-        return o.view(batch, n_kv_heads, group, n_rows, head_dim), mass
-    rest, vbar, vbar_norm = _balance_means(p, one_hot, inv_sum, mass, to_slots, in_balance, v32)
-    new_mass = realloc(mass, has_key, vbar_norm=vbar_norm)
-    o = rest + ((new_mass @ to_slots.T).unsqueeze(-1) * vbar).sum(-2)  # + sum_{m in S} P'_m vbar_m
-    return o, mass
-
-
-def _balance_means(p, one_hot, inv_sum, mass, to_slots, in_balance, v32):
-    """|S| + 1 means in one batched matmul: ``vbar_m`` of each balance modality and the output of the
-    other modalities, whose masses never move. Returns (rest [.., c, D], vbar [.., c, |S|, D],
-    ||vbar_m|| [.., c, M], zero outside the balance set)."""
-    batch, n_kv_heads, group, n_rows, len_k = p.shape
-    n_bal = to_slots.shape[0]
-    rest = (mass * inv_sum * ~in_balance) @ one_hot.transpose(-1, -2)  # [.., c, Lk]: P_m / l_m off S
-    slot_scale = inv_sum @ to_slots.T  # [.., c, |S|]: 1 / l_m of each balance modality
-    slot_keys = (to_slots @ one_hot.transpose(-1, -2)).unsqueeze(-3)  # [B, 1, 1, 1, |S|, Lk]: key in slot
-    weights = torch.cat([p.unsqueeze(-2) * slot_keys * slot_scale.unsqueeze(-1),
-                         (p * rest).unsqueeze(-2)], dim=-2)  # [.., c, |S| + 1, Lk]
-    means = weights.view(batch, n_kv_heads, group * n_rows * (n_bal + 1), len_k) @ v32
-    means = means.view(batch, n_kv_heads, group, n_rows, n_bal + 1, -1)
-    vbar = means[..., :n_bal, :]
-    return means[..., n_bal, :], vbar, torch.linalg.vector_norm(vbar, dim=-1) @ to_slots
+        return times_v(p * (per_class @ keys_of)), mass  # weights P'_m / l_m on each key of m
+    # Balancing by contribution: ||vbar_m|| comes first, so |S| + 1 means in one matmul: each balance
+    # modality's vbar_m, and the output of the other modalities, whose masses never move.
+    fixed = (mass * inv_sum * ~in_balance) @ keys_of  # [.., c, Lk]: P_m / l_m off S
+    slot_keys = (to_slots @ keys_of).unsqueeze(-3)  # [.., 1, |S|, Lk]: key j belongs to slot s
+    slot_scale = (inv_sum @ to_slots.T).unsqueeze(-1)  # [.., c, |S|, 1]: 1 / l_m of each slot
+    means = times_v(torch.cat([p.unsqueeze(-2) * slot_keys * slot_scale, (p * fixed).unsqueeze(-2)], dim=-2))
+    vbar, fixed_out = means[..., :-1, :], means[..., -1, :]  # [.., c, |S|, D], [.., c, D]
+    new_mass = realloc(mass, has_key, vbar_norm=torch.linalg.vector_norm(vbar, dim=-1) @ to_slots)
+    return fixed_out + ((new_mass @ to_slots.T).unsqueeze(-1) * vbar).sum(-2), mass  # + sum_S P'_m vbar_m
 
 
 # A modality's probability sum below this (relative to its row's max) is recomputed under the
