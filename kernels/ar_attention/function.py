@@ -8,6 +8,10 @@ is recording (``torch.is_grad_enabled()``) and any of q, k, v requires grad, the
 the PyTorch backend (``torch_backend.ar_attention_torch``), whose autograd computes the gradient
 of the same function (DESIGN 2.2) exactly; the Triton-only options (``block_m``, ``block_n``,
 ``num_splits``) are then ignored. A result is never returned without its correct gradient.
+
+The options of DESIGN 2.2b that the kernel does not implement yet (``window``, ``softcap``,
+``balance_by="contribution"``, per-head targets) raise NotImplementedError naming the argument,
+with or without gradients, rather than being dropped; ``backend="torch"`` implements them all.
 """
 
 from __future__ import annotations
