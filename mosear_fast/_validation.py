@@ -207,6 +207,8 @@ def _normalised(row: tuple[float, ...]) -> tuple[float, ...]:
     (so the sum cannot overflow, e.g. 3e38 + 3e38 in float32 or 1e308 + 1e308 in float64), then by
     the sum. Scale-free: (1e-40, 1e-40) and (3e38, 3e38) both give exactly (0.5, 0.5); an entry
     more than ~1e308 times smaller than the largest becomes 0, as in the exactly normalised target."""
+    if not row:  # an empty balance set
+        return row
     largest = max(row)
     scaled = [t / largest for t in row]
     total = math.fsum(scaled)

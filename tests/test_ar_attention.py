@@ -512,3 +512,12 @@ def test_threshold_tie_is_not_exceeded(backend, device):
     below_tie, _ = _run(inputs, backend, strength=1.0, target=(3.0, 1.0), threshold=0.2499)
     assert torch.equal(at_tie, plain), "a deviation equal to the threshold does not exceed it: nothing moves"
     assert (below_tie - plain).abs().max() > 1e-3, "a deviation above the threshold moves the masses"
+
+
+@pytest.mark.parametrize("balance_by", ["mass", "contribution"])
+@pytest.mark.parametrize("target", [None, ()])
+def test_empty_balance_is_plain_attention(balance_by, target):
+    inputs = make_ar_inputs(1, 2, 2, 9, 9, 8, layout="av", seed=18)
+    o, _ = _check(inputs, "torch", torch.float32, balance=(), target=target, strength=1.0, balance_by=balance_by)
+    plain, _ = _run(inputs, "torch", strength=0.0)
+    assert_close(o, plain, torch.float32)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .launch import ar_attention_fwd
-from .torch_backend import ar_attention_torch
+from .torch_backend import ar_attention_torch, is_per_head
 
 
 def needs_grad(*tensors: torch.Tensor) -> bool:
@@ -35,7 +35,7 @@ def _refuse_unsupported(*, target, window, softcap, balance_by):
         unsupported.append(f"softcap={softcap}")
     if balance_by != "mass":
         unsupported.append(f"balance_by={balance_by!r}")
-    if target is not None and isinstance(target[0], tuple):
+    if is_per_head(target):
         unsupported.append("target (one per query head)")
     if unsupported:
         raise NotImplementedError(f"{', '.join(unsupported)}: not implemented by the Triton backend of "

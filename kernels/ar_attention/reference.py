@@ -20,6 +20,8 @@ def _targets(target, n_balance, n_q_heads):
     else:
         rows = torch.as_tensor(target, dtype=torch.float64).detach().cpu()
         rows = rows.expand(n_q_heads, n_balance) if rows.dim() == 1 else rows
+    if n_balance == 0:
+        return rows
     rows = rows / rows.amax(-1, keepdim=True)
     return rows / rows.sum(-1, keepdim=True)
 

@@ -39,11 +39,16 @@ _CHUNK_MAX_BYTES = 128 * 2**20
 _BYTES_PER_SCORE = 16
 
 
+def is_per_head(target) -> bool:
+    """Whether a validated target holds one row per query head (a tuple of tuples)."""
+    return target is not None and len(target) > 0 and isinstance(target[0], tuple)
+
+
 def balance_tables(num_modalities, balance, target, device):
     """``(in_balance, tau)`` for ``reallocate_masses``: in_balance (M,) bool; tau float32 targets
     (zero outside the balance set), (M,) for one target or (Hq, M) for per-head targets (``target`` a
     tuple of Hq rows). Built from Python values (graph constants when exported, no index writes)."""
-    per_head = target is not None and isinstance(target[0], tuple)
+    per_head = is_per_head(target)
     rows = target if per_head else [(1.0,) * len(balance) if target is None else target]
     tau = torch.tensor([[dict(zip(balance, row)).get(m, 0.0) for m in range(num_modalities)] for row in rows],
                        dtype=torch.float32, device=device)
@@ -53,8 +58,8 @@ def balance_tables(num_modalities, balance, target, device):
 
 def slot_table(num_modalities, balance, device):
     """[|S|, M] float32 one-hot: balance slot s -> its modality (from Python values: a graph constant)."""
-    return torch.tensor([[float(m == b) for m in range(num_modalities)] for b in balance], dtype=torch.float32,
-                        device=device)
+    table = [[float(m == b) for m in range(num_modalities)] for b in balance]
+    return torch.tensor(table, dtype=torch.float32, device=device).reshape(len(balance), num_modalities)
 
 
 def reallocate_masses(mass, has_key, *, in_balance, tau, strength, threshold, selected, vbar_norm=None):
