@@ -90,6 +90,15 @@ class ExportModule(torch.nn.Module):
         """Facts for ``export_config.json`` beyond the inputs' shapes and ranges."""
         return {}
 
+    def output_names(self) -> list[str]:
+        return ["logits"]
+
+    def output_masks(self, inputs) -> dict:
+        """Per output name, a bool tensor broadcastable to it: the elements that carry meaning (validation
+        compares only those). Logits of padding positions mean nothing."""
+        named = dict(zip((s.name for s in self.input_specs()), inputs))
+        return {"logits": named["attention_mask"].bool()[:, :, None]}
+
 
 def _num_modalities(model) -> int:
     context = getattr(model, "_mosear_context", None)
@@ -240,9 +249,12 @@ def input_specs(module: ExportModule) -> list[InputSpec]:
     return module.input_specs()
 
 
-def example_inputs(module: ExportModule, batch: int, length: int, *, seed: int = 0) -> tuple:
-    """Random valid inputs of the graph for (batch, length), in ``input_specs`` order."""
-    return module.example_inputs(batch, length, seed=seed)
+def example_inputs(module: ExportModule, batch: int, length: int, *, seed: int = 0, past: int | None = None) -> tuple:
+    """Random valid inputs of the graph for (batch, length), in ``input_specs`` order; ``past`` cached
+    tokens for a with-past decoder (``with_past.py``)."""
+    if past is None:
+        return module.example_inputs(batch, length, seed=seed)
+    return module.example_inputs(batch, length, seed=seed, past=past)
 
 
 def build_demo_model(seed: int = DEMO_SEED) -> torch.nn.Module:
