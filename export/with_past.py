@@ -79,7 +79,7 @@ def measure_kv_layout(language_model) -> KVLayout:
     return KVLayout(tuple(layers))
 
 
-def cache_from(past) -> "object":
+def cache_from(past) -> object:
     """A transformers ``DynamicCache`` holding the flat (key, value, key, value, ...) tensors."""
     from transformers import DynamicCache
 
@@ -128,7 +128,7 @@ class _WithPast:
 
     def _random_past(self, batch: int, past: int, g: torch.Generator):
         """Past mask (left padding, at least one real token when past > 0), ids and cache tensors."""
-        pad = torch.randint(0, max(1, past // 3), (batch,), generator=g) if past else torch.zeros(batch, dtype=torch.long)
+        pad = torch.randint(0, max(1, past // 3), (batch,), generator=g)  # [B] padded slots, < past
         mask = (torch.arange(past) >= pad[:, None]).long()
         ids = torch.randint(0, self._num_modalities(), (batch, past), generator=g).masked_fill(mask == 0, -1)
         dtype = self._cache_dtype()
