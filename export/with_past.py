@@ -251,6 +251,11 @@ class AudioVisualWithPast(_WithPast, AudioVisualExport):
         _, high, _ = super().seq_limits()
         return 1, high, f"new tokens per call, at most max_positions {high}"
 
+    def default_seq(self) -> str:
+        """From one new token (decode) to the prefill graph's longest prompt."""
+        _, opt, high = AudioVisualExport.default_seq(self).split(":")
+        return f"1:{opt}:{high}"
+
     def example_inputs(self, batch: int, length: int, *, seed: int = 0, past: int = 0):
         """Random valid inputs: with an empty past a left-padded prompt with the placeholders (as the
         prefill graph's), else ``length`` text tokens after ``past`` cached ones."""
