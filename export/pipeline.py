@@ -168,6 +168,32 @@ def export(source, out_dir, *, format: str = "onnx", dtype: str = "fp32", opset:
     return report
 
 
+def write_graph(source, out_dir, *, dtype: str = "fp32", batch: str = shapes.DEFAULT_BATCH, seq: str | None = None,
+                with_past: bool = False, past: str | None = None, opset: int = graph.DEFAULT_OPSET) -> Path:
+    """``model.onnx`` and ``export_config.json`` only, into a new ``out_dir`` (no validation, no report):
+    for benchmarks that time a graph whose export ``export`` validates. Returns the graph's path."""
+    batch_range, seq_range, past_range = _check_options("onnx", dtype, opset, batch, seq, None, None, "static",
+                                                        with_past, past)
+    out_dir = check_output_dir(out_dir, overwrite=False)
+    module, _ = load_source(source)
+    if with_past:
+        from .with_past import with_past as decoder
+
+        module = decoder(module)
+    seq_range = _seq_range(module, seq_range)
+    past_range = _past_range(module, seq_range, past_range) if with_past else None
+    module = graph.cast_module(module, dtype)
+    specs = input_specs(module)
+    with staged_output(out_dir, overwrite=False) as stage:
+        model = graph.export_onnx(module, stage / ONNX_FILE, batch=batch_range, seq=seq_range, opset=opset,
+                                  past=past_range)
+        files = sorted([p.name for p in stage.iterdir()] + [CONFIG_FILE])
+        write_json(stage / CONFIG_FILE, export_config(model, specs, batch=batch_range, seq=seq_range, dtype=dtype,
+                                                      opset=opset, files=files, interface=module.interface(),
+                                                      past=past_range))
+    return out_dir / ONNX_FILE
+
+
 def _read(path):
     import json
 

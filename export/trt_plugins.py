@@ -42,7 +42,7 @@ def desc_shape(desc) -> tuple:
     dims = []
     for dim in desc.shape_expr:
         constant = getattr(dim, "is_constant", False)
-        dims.append(int(getattr(dim, "constant_value")) if constant else None)
+        dims.append(int(dim.constant_value) if constant else None)
     return tuple(dims)
 
 
@@ -67,7 +67,6 @@ def register() -> None:
 
 
 def _define(trtp) -> None:
-    from typing import Tuple  # noqa: UP035  (tensorrt.plugin checks the annotations it knows)
 
     ar_id, mose_id = f"{fused.DOMAIN}::{fused.AR_OP}", f"{fused.DOMAIN}::{fused.MOSE_OP}"
 
@@ -75,7 +74,7 @@ def _define(trtp) -> None:
     def ar_desc(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, key_modality: trtp.TensorDesc,
                 query_mask: trtp.TensorDesc, num_modalities: int, balance: str, target: str, target_shape: str,
                 strength: float, threshold: float, modality_bias: str, causal: int,
-                scale: float) -> Tuple[trtp.TensorDesc]:
+                scale: float) -> tuple[trtp.TensorDesc]:
         _check(fused.ar_output_spec, (q, k, v, key_modality, query_mask))
         return q.like()
 
@@ -83,7 +82,7 @@ def _define(trtp) -> None:
     def ar_impl(q: trtp.Tensor, k: trtp.Tensor, v: trtp.Tensor, key_modality: trtp.Tensor,
                 query_mask: trtp.Tensor, num_modalities: int, balance: str, target: str, target_shape: str,
                 strength: float, threshold: float, modality_bias: str, causal: int, scale: float,
-                outputs: Tuple[trtp.Tensor], stream: int) -> None:
+                outputs: tuple[trtp.Tensor], stream: int) -> None:
         from mosear_fast import ar_attention
 
         attrs = fused.decode_ar_attrs(dict(
@@ -98,14 +97,14 @@ def _define(trtp) -> None:
     @trtp.register(mose_id)
     def mose_desc(x: trtp.TensorDesc, modality: trtp.TensorDesc, expert: trtp.TensorDesc, gate: trtp.TensorDesc,
                   A: trtp.TensorDesc, B: trtp.TensorDesc, scale: trtp.TensorDesc,  # noqa: N803
-                  out: trtp.TensorDesc) -> Tuple[trtp.TensorDesc]:
+                  out: trtp.TensorDesc) -> tuple[trtp.TensorDesc]:
         _check(fused.mose_output_spec, (x, modality, expert, gate, A, B, scale, out))
         return out.like()
 
     @trtp.impl(mose_id)
     def mose_impl(x: trtp.Tensor, modality: trtp.Tensor, expert: trtp.Tensor, gate: trtp.Tensor,
                   A: trtp.Tensor, B: trtp.Tensor, scale: trtp.Tensor, out: trtp.Tensor,  # noqa: N803
-                  outputs: Tuple[trtp.Tensor], stream: int) -> None:
+                  outputs: tuple[trtp.Tensor], stream: int) -> None:
         from mosear_fast import mose_lora
 
         t = [torch.as_tensor(a, device="cuda") for a in (x, modality, expert, gate, A, B, scale, out)]

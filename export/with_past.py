@@ -89,6 +89,13 @@ def cache_from(past) -> object:
     return cache
 
 
+def cache_argument(language_model) -> str:
+    """The forward's name for the cache: ``cache`` in newer transformers, ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(language_model.forward).parameters else "past_key_values"
+
+
 def flatten_cache(cache) -> list[torch.Tensor]:
     return [t for layer in cache.layers for t in (layer.keys, layer.values)]
 
@@ -151,11 +158,13 @@ class _WithPast:
 
     def _decode(self, tokens: dict, attention_mask, ids, past, new_tokens: int):
         """The language model on the new tokens (``tokens``: input_ids or inputs_embeds) after ``past``."""
-        out = self._language_model()(**tokens, attention_mask=attention_mask, modality_ids=ids,
-                                     position_ids=positions(attention_mask, new_tokens),
-                                     past_key_values=cache_from(past), use_cache=True)
+        lm = self._language_model()
+        out = lm(**tokens, attention_mask=attention_mask, modality_ids=ids,
+                 position_ids=positions(attention_mask, new_tokens), use_cache=True,
+                 **{cache_argument(lm): cache_from(past)})
         present_ids = ids.masked_fill(attention_mask == 0, -1)
-        return (out.logits, present_ids, *flatten_cache(out.past_key_values))
+        cache = getattr(out, "cache", None) or out.past_key_values
+        return (out.logits, present_ids, *flatten_cache(cache))
 
     def interface(self) -> dict:
         facts = super().interface()
