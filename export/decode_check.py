@@ -18,9 +18,9 @@ import torch
 
 from mosear_fast.tolerances import rel_error
 
-from .generate import OnnxGenerator, greedy_step
+from .generate import OnnxGenerator
 from .sources import example_inputs
-from .with_past import AudioVisualWithPast, positions
+from .with_past import AudioVisualWithPast
 
 DECODE_TOKENS = 16
 LATENCY_WARMUP, LATENCY_RUNS = 2, 10
@@ -123,4 +123,4 @@ def decoder_latency(module, session, batch: int, prompt: int) -> dict:
     return result
 
 
-__all__ = ["compare_decoding", "decoder_latency", "greedy_check", "greedy_step", "positions", "reference_generate"]
+__all__ = ["compare_decoding", "decoder_latency", "greedy_check", "reference_generate"]

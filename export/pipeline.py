@@ -125,7 +125,7 @@ def export(source, out_dir, *, format: str = "onnx", dtype: str = "fp32", opset:
         write_json(stage / CONFIG_FILE, export_config(model, specs, batch=batch_range, seq=seq_range, dtype=dtype,
                                                       opset=opset, files=files, interface=module.interface(),
                                                       past=past_range if with_past else None, ops=ops))
-        session, load_error = _session(onnx_path, ops)
+        session, load_error = _session(onnx_path, ops, dtype, specs)
         if session is None:
             checks = validate.not_run(validation_shapes, output_names,
                                       f"onnxruntime cannot run the graph here: {load_error}")
@@ -200,8 +200,14 @@ def _read(path):
     return json.loads(path.read_text())
 
 
-def _session(onnx_path, ops):
+def _session(onnx_path, ops, dtype, specs):
     """(onnxruntime session or None, why not): a fused graph gets the project's custom ops registered."""
+    if ops == "fused" and dtype != "fp32":
+        return None, ("the onnxruntime custom ops of --ops fused run float32 graphs only; a fused fp16/bf16 graph "
+                      "is checked by the TensorRT engine build (--format both)")
+    bf16_inputs = [s.name for s in specs if s.dtype == "bfloat16"]
+    if bf16_inputs:
+        return None, f"numpy cannot hold the bfloat16 inputs {bf16_inputs[:2]} that onnxruntime's Python API feeds"
     try:
         if ops == "fused":
             from .ort_custom_ops import fused_session

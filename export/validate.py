@@ -72,10 +72,6 @@ def _feeds(inputs, names):
     return {name: t.numpy() for name, t in zip(names, inputs)}
 
 
-def can_feed(dtype: torch.dtype) -> bool:
-    """Whether numpy (and so onnxruntime's Python API) can hold inputs of this dtype (bf16: no)."""
-    return dtype != torch.bfloat16
-
 
 def within_tolerance(rel_err: float, max_abs: float, tol: Tolerance) -> bool:
     """The pass rule: relative error within ``rtol`` and, when ``atol`` is set, the largest elementwise

@@ -145,7 +145,8 @@ def test_fused_ops_graph(qwen2_folders, tmp_path):
     model = onnx.load(str(tmp_path / "fused" / "model.onnx"), load_external_data=False)
     node = next(n for n in model.graph.node if n.op_type == "ARAttention")
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    assert node.domain == "mosear" and attrs["plugin_namespace"] == b"mosear" and attrs["strength"] == pytest.approx(0.7)
+    assert node.domain == "mosear" and attrs["plugin_namespace"] == b"mosear"
+    assert attrs["strength"] == pytest.approx(0.7)
     assert attrs["balance"] == b"1,2"
 
 

@@ -14,8 +14,14 @@ import torch
 
 from mosear_fast.export import fused
 from mosear_fast.export.files import MARKER, is_stale_staging, remove_stale_staging, staged_output
-from mosear_fast.export.generate import DecodePlan, GeneratorError, greedy_step, ort_device_of, preferred_providers, \
-    step_inputs
+from mosear_fast.export.generate import (
+    DecodePlan,
+    GeneratorError,
+    greedy_step,
+    ort_device_of,
+    preferred_providers,
+    step_inputs,
+)
 from mosear_fast.export.report import NOT_VALIDATED, validation_summary
 from mosear_fast.export.shapes import AxisRange, parse_range, tensorrt_profile, with_past_validation_shapes
 from mosear_fast.export.tensorrt_build import builder_flags_to_clear
