@@ -110,6 +110,11 @@ def staged_output(out_dir: Path, *, overwrite: bool):
         raise
 
 
+def staged_files(stage: Path) -> list[str]:
+    """The names of the files written into a staging folder so far (our marker excluded)."""
+    return sorted(p.name for p in stage.iterdir() if p.name != MARKER)
+
+
 def write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 

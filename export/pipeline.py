@@ -12,7 +12,7 @@ import copy
 from pathlib import Path
 
 from . import graph, lint, shapes, tensorrt_build, validate
-from .files import check_output_dir, copy_tokenizer_files, staged_output, write_json
+from .files import check_output_dir, copy_tokenizer_files, staged_files, staged_output, write_json
 from .report import NOT_VALIDATED, export_config, failure_lines, library_versions, validation_summary
 from .sources import ExportModule, input_specs, load_source, source_folders
 
@@ -120,7 +120,7 @@ def export(source, out_dir, *, format: str = "onnx", dtype: str = "fp32", opset:
         else:
             validation_shapes = shapes.validation_shapes(batch_range, seq_range)
         copied = copy_tokenizer_files(source_folders(source, adapter), stage)
-        files = sorted([p.name for p in stage.iterdir()] + [CONFIG_FILE, REPORT_FILE])
+        files = sorted(staged_files(stage) + [CONFIG_FILE, REPORT_FILE])
         ranges = {"batch": batch_range, "seq": seq_range, **({"past": past_range} if with_past else {})}
         write_json(stage / CONFIG_FILE, export_config(model, specs, batch=batch_range, seq=seq_range, dtype=dtype,
                                                       opset=opset, files=files, interface=module.interface(),
@@ -161,7 +161,7 @@ def export(source, out_dir, *, format: str = "onnx", dtype: str = "fp32", opset:
             if strict and not report["tensorrt"]["validation"]["pass"]:
                 raise ExportFailed("TensorRT validation failed: "
                                    + "; ".join(failure_lines(report["tensorrt"]["validation"]["shapes"])[:3]))
-            files = sorted(set(files) | {p.name for p in stage.iterdir()})
+            files = sorted(set(files) | set(staged_files(stage)))
             write_json(stage / CONFIG_FILE, {**_read(stage / CONFIG_FILE), "files": files})
         report["files"] = files
         write_json(stage / REPORT_FILE, report)
@@ -187,7 +187,7 @@ def write_graph(source, out_dir, *, dtype: str = "fp32", batch: str = shapes.DEF
     with staged_output(out_dir, overwrite=False) as stage:
         model = graph.export_onnx(module, stage / ONNX_FILE, batch=batch_range, seq=seq_range, opset=opset,
                                   past=past_range)
-        files = sorted([p.name for p in stage.iterdir()] + [CONFIG_FILE])
+        files = sorted(staged_files(stage) + [CONFIG_FILE])
         write_json(stage / CONFIG_FILE, export_config(model, specs, batch=batch_range, seq=seq_range, dtype=dtype,
                                                       opset=opset, files=files, interface=module.interface(),
                                                       past=past_range))

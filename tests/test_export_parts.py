@@ -308,3 +308,24 @@ def test_past_needs_with_past(tmp_path, capsys):
 
     code = main(["demo", "--past", "0:4:8", "--out", str(tmp_path / "out")])
     assert code == 2 and "--with-past" in capsys.readouterr().err
+
+
+def test_greedy_decode_comparison():
+    from mosear_fast.export.decode_check import compare_decoding
+
+    ref_logits = np.zeros((3, 1, 4), dtype=np.float32)
+    for step, token in enumerate([1, 2, 3]):
+        ref_logits[step, 0, token] = 10.0
+    ref_tokens = np.array([[1, 2, 3]])
+    same = compare_decoding(ref_tokens.copy(), ref_logits.copy(), ref_tokens, ref_logits, 1e-5)
+    assert same["pass"] and same["tokens_match"] and same["tokens_equal"] == 3 and same["max_step_rel_error"] == 0
+    drifted = ref_logits.copy()
+    drifted[0, 0, 0] += 0.5  # logits off by more than the tolerance, tokens still equal
+    assert not compare_decoding(ref_tokens.copy(), drifted, ref_tokens, ref_logits, 1e-5)["pass"]
+    other = np.array([[1, 0, 3]])  # step 1 picks token 0, whose reference logit is 10 below token 2's
+    result = compare_decoding(other, ref_logits.copy(), ref_tokens, ref_logits, 1e-5)
+    assert not result["pass"] and result["first_mismatch_step"] == 1 and result["tokens_equal"] == 1
+    assert result["near_tie"] is False and len(result["step_rel_errors"]) == 2  # nothing compared after it
+    tie = ref_logits.copy()
+    tie[1, 0, 0] = 10.0 - 1e-6  # a near tie in the reference: a low-precision graph may pick either
+    assert compare_decoding(other, tie.copy(), ref_tokens, tie, 1e-5)["near_tie"] is True
