@@ -20,9 +20,10 @@ is fed back as the next call's ``past_modality_ids``, exactly like ``present.{i}
 passes an empty past (``past_seq = 0``). Positions are computed in the graph from the attention
 mask (``cumsum - 1``, what ``generate`` does), so left-padded batches decode correctly.
 
-The audio-visual model derives the new tokens' modality ids from the placeholders as its prefill
-graph does; decode steps pass the same ``visual``/``audio`` features again (they are read only at
-placeholder positions, which decode tokens never are).
+The audio-visual model derives the prompt's modality ids from the placeholders as its prefill graph
+does. The whole prompt goes in the first call (empty past): only there are placeholders replaced by
+features; tokens of later calls are text, even a generated token whose id is a placeholder's (as in
+``generate``). Decode calls pass the same ``visual``/``audio`` features again (unused there).
 """
 
 from __future__ import annotations
@@ -246,8 +247,15 @@ class AudioVisualWithPast(_WithPast, AudioVisualExport):
 
         input_ids, visual, audio, attention_mask, past_ids, *past = inputs
         new_mask = attention_mask[:, attention_mask.shape[1] - input_ids.shape[1]:]
-        ids = torch.cat([past_ids, placeholder_modality_ids(input_ids, new_mask)], dim=1)
-        embeds = self.model.embed_inputs(input_ids, visual, audio)
+        # Placeholders are read in the prompt (the call with an empty past) only: a generated token whose
+        # id happens to be a placeholder's is text, as in generate. A count, not a shape test, so the
+        # graph keeps one path for prefill and decode.
+        prompt_call = torch.ones_like(past_ids).sum(-1, keepdim=True) == 0  # [B, 1]
+        new_ids = torch.where(prompt_call, placeholder_modality_ids(input_ids, new_mask),
+                              torch.zeros_like(input_ids).masked_fill(new_mask == 0, -1))
+        embeds = torch.where(prompt_call[..., None], self.model.embed_inputs(input_ids, visual, audio),
+                             self.model.llm.get_input_embeddings()(input_ids))
+        ids = torch.cat([past_ids, new_ids], dim=1)
         return self._decode({"inputs_embeds": embeds}, attention_mask, ids, past, input_ids.shape[1])
 
     def input_specs(self) -> list[InputSpec]:

@@ -329,3 +329,28 @@ def test_greedy_decode_comparison():
     tie = ref_logits.copy()
     tie[1, 0, 0] = 10.0 - 1e-6  # a near tie in the reference: a low-precision graph may pick either
     assert compare_decoding(other, tie.copy(), ref_tokens, tie, 1e-5)["near_tie"] is True
+
+
+def test_av_decoder_reads_placeholders_in_the_prompt_only():
+    """A generated token whose id is a placeholder's is text (as in generate), not a feature slot."""
+    from mosear_fast import apply_mosear, demo_config
+    from mosear_fast import av_model as av
+    from mosear_fast.export.sources import AudioVisualExport
+    from mosear_fast.export.with_past import cache_from, with_past
+
+    model, _ = av.build_demo_model(1, n_visual=4, n_audio=2, hidden=32, intermediate=64, layers=1)
+    apply_mosear(model.llm, mose=demo_config.mose_config(init_weights=False), ar=demo_config.ar_config())
+    decoder = with_past(AudioVisualExport(model.eval()))
+    prompt = decoder.example_inputs(2, 9, seed=0, past=0)
+    with torch.no_grad():
+        out = decoder(*prompt)
+        ids, visual, audio, mask = prompt[:4]
+        assert torch.equal(out[1], av.placeholder_modality_ids(ids, mask))  # the prompt's ids from placeholders
+        step = (torch.full((2, 1), av.VISUAL_ID), visual, audio, torch.cat([mask, torch.ones(2, 1, dtype=torch.long)],
+                                                                             1), out[1], *out[2:])
+        next_out = decoder(*step)
+        assert next_out[1][:, -1].tolist() == [0, 0]  # text, not visual
+        plain = model.llm(input_ids=step[0], attention_mask=step[3], modality_ids=next_out[1],
+                          position_ids=(step[3].cumsum(-1) - 1)[:, -1:],
+                          past_key_values=cache_from(list(out[2:])), use_cache=True).logits
+    assert torch.allclose(next_out[0], plain, atol=1e-6)  # the token's own embedding, not a projected feature
