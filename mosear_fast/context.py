@@ -257,7 +257,9 @@ def _decoder_pre_hook(module, args, kwargs):
             modality_ids = context.placeholder_ids(_input_ids(args, kwargs))
         derived = modality_ids is not None
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+    past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+    if isinstance(past, torch.Tensor):  # a static cache counts its filled slots on the device
+        past = int(past)  # (int() of a traced size would pin the cache length of an exported graph)
     batch, q_len = inputs.shape[0], inputs.shape[1]
     visible = visible_keys(kwargs.get("attention_mask"), call.padding_mask, context.generation_mask,
                            batch=batch, total=past + q_len)
