@@ -364,7 +364,7 @@ def mose_dy_kernel(
             if FUSE_DB:
                 db = _dot(tl.trans(dy), hs0, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), NUMERICS)
                 tl.atomic_add(db0_base + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr, db,
-                              mask=bn_mask0)
+                              mask=bn_mask0, sem="relaxed")
             if TOP_K == 2:
                 bn_mask1 = n_mask[:, None] & r_ok1[None, :]
                 b1 = tl.load(b1_base + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
@@ -373,7 +373,7 @@ def mose_dy_kernel(
                 if FUSE_DB:
                     db = _dot(tl.trans(dy), hs1, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), NUMERICS)
                     tl.atomic_add(db1_base + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr, db,
-                                  mask=bn_mask1)
+                                  mask=bn_mask1, sem="relaxed")
         g0_all = tl.where(sel[:, None] & r_ok0[None, :], p0, g0_all)  # select: other rows never see B[c0]
         g1_all = tl.where(sel[:, None] & r_ok1[None, :], p1, g1_all)
         cur = _next_key(combo, cur, no_adapter)
@@ -457,7 +457,7 @@ def mose_x_kernel(
                              mask=sel[:, None] & k_mask[None, :], other=0.0)  # [BT, BK]
                 da = _dot(tl.trans(dhs), xt, tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32), NUMERICS)
                 tl.atomic_add(da_base + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak, da,
-                              mask=r_mask[:, None] & k_mask[None, :])
+                              mask=r_mask[:, None] & k_mask[None, :], sem="relaxed")
         cur = _next_key(mod_key, cur, M)
 
     if WRITE_DX:  # rows without adapter: 0
