@@ -277,10 +277,20 @@ def test_no_host_sync_and_cuda_graph_capture():
             inputs["scale"], leaves["out"])
     mose_lora(*args, backend="triton").sum().backward()  # compile first
     torch.cuda.synchronize()
+    W = torch.randn(192, 256, device=device, dtype=torch.bfloat16, requires_grad=True)
+    scale_vec = inputs["scale"].float()
+    linear_args = (leaves["x"], W, None, inputs["modality"], inputs["expert"], leaves["gate"], leaves["A"],
+                   leaves["B"], scale_vec)
+    for deterministic in (False, True):  # compile first
+        mose_linear_triton(*linear_args, return_update_norm=True, deterministic=deterministic)[0].sum().backward()
+    torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         y = mose_lora(*args, backend="triton", validate=False)
         y.backward(torch.ones_like(y))
+        for deterministic in (False, True):
+            y, norm = mose_linear_triton(*linear_args, return_update_norm=True, deterministic=deterministic)
+            y.backward(torch.ones_like(y))
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
