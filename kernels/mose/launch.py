@@ -32,8 +32,14 @@ from .triton_kernels import (
 )
 from .triton_routing import mose_route_kernel
 
-# 8 warps: with 4, ptxas (sm_90a) spilled registers in the expand and backward kernels at r = 64.
+# Warps of the row kernels (tiles of BLOCK_T = 64 rows): 4 (one warpgroup) up to r = 32, so the
+# 64-row wgmma is not computed twice by two warpgroups; 8 above, where 4 warps spill registers in the
+# dy pass on sm_90a (the kernel report lists both).
 NUM_WARPS = 8
+
+
+def row_warps(block_r: int) -> int:
+    return 4 if block_r <= 32 else 8
 # The routing kernel: 32 warps (1024 threads), so 2 programs fill an SM and its redundant key reads
 # (every program histograms all keys) are shared by as few programs as fill the GPU.
 ROUTE_WARPS = 32
@@ -131,7 +137,7 @@ def reduction_splits(n_rows: int, n_programs: int, block_t: int, device: torch.d
     bucket sizes, which would need a sync)."""
     if n_rows == 0:
         return 1
-    by_fill = _cdiv(2 * PROGRAMS_PER_SM * sm_count(device), max(1, n_programs))  # these run 5-6 per SM
+    by_fill = _cdiv(4 * PROGRAMS_PER_SM * sm_count(device), max(1, n_programs))  # these run up to 9 per SM
     by_rows = max(1, n_rows // (4 * block_t))
     return max(1, min(16, by_fill, by_rows))
 
@@ -223,7 +229,8 @@ def shrink(x, routing: MoseRouting, A):
            n_tokens, d_in, rank, routing.n_modalities, per_split * block_k,
            routing.modality.stride(0), x.stride(0), x.stride(1), A.stride(0), A.stride(1), A.stride(2),
            hp.stride(0), hp.stride(1),
-           BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_R=block_r, NUMERICS=numerics_mode(x.dtype, x.device))
+           BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_R=block_r, NUMERICS=numerics_mode(x.dtype, x.device),
+           num_warps=row_warps(block_r))
     return hp
 
 
@@ -259,7 +266,7 @@ def expand(hp, routing: MoseRouting, gate, B, scale_vec, base, y, *, only_adapte
            *base_strides, y.stride(0), y.stride(1), h.stride(0), norm_sq.stride(0),
            TOP_K=routing.top_k, HAS_BASE=base is not None, ONLY_ADAPTED_ROWS=only_adapted_rows, WRITE_H=save_h,
            WRITE_NORM=update_norm, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_R=block_r,
-           NUMERICS=numerics_mode(B.dtype, device))
+           NUMERICS=numerics_mode(B.dtype, device), num_warps=row_warps(block_r))
     norm = norm_sq.sum(0).sqrt_() if update_norm else None  # the splits in a fixed order (deterministic)
     return y, (h if save_h else None), norm
 
@@ -292,7 +299,7 @@ def dy_pass(dy, h, routing: MoseRouting, gate, B, scale_vec, dB_acc=None):
            gate.stride(1), dy.stride(0), dy.stride(1), h.stride(0), B.stride(0), B.stride(1), B.stride(2),
            B.stride(3), dhp.stride(0), dhp.stride(1), qp.stride(0), qp.stride(1), *db_strides,
            TOP_K=top_k, FUSE_DB=fuse_db, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_R=block_r,
-           NUMERICS=numerics_mode(dy.dtype, device))
+           NUMERICS=numerics_mode(dy.dtype, device), num_warps=row_warps(block_r))
     return dhp, qp
 
 
@@ -323,7 +330,7 @@ def x_pass(x, A, dhp, qp, routing: MoseRouting, scale_vec, *, dx=None, dA_acc=No
            *dxs, *das, dh.stride(0) if dh is not None else 0, *dgs,
            TOP_K=routing.top_k, WRITE_DX=dx is not None, FUSE_DA=dA_acc is not None, WRITE_DH=dh is not None,
            WRITE_DGATE=dgate is not None, BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_R=block_r,
-           NUMERICS=numerics_mode(x.dtype, device))
+           NUMERICS=numerics_mode(x.dtype, device), num_warps=row_warps(block_r))
 
 
 def wgrad_A(x, dh, routing: MoseRouting, out):
@@ -341,7 +348,8 @@ def wgrad_A(x, dh, routing: MoseRouting, out):
            x, dh, partials, routing.order, routing.offsets,
            d_in, rank, splits, routing.modality_stride,
            x.stride(0), x.stride(1), dh.stride(0), *partials.stride(),
-           BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_R=block_r, NUMERICS=numerics_mode(x.dtype, device))
+           BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_R=block_r, NUMERICS=numerics_mode(x.dtype, device),
+           num_warps=row_warps(block_r))
     return out.copy_(partials.sum(0).view_as(out))  # the splits in a fixed order, cast to out's dtype
 
 
@@ -362,7 +370,7 @@ def wgrad_B(dy, h, routing: MoseRouting, gate, scale_vec, out):
            d_out, rank, routing.n_experts, splits,
            gate.stride(0), gate.stride(1), dy.stride(0), dy.stride(1), h.stride(0), *partials.stride(),
            TOP_K=routing.top_k, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_R=block_r,
-           NUMERICS=numerics_mode(dy.dtype, device))
+           NUMERICS=numerics_mode(dy.dtype, device), num_warps=row_warps(block_r))
     return out.copy_(partials.sum(0).view_as(out))  # the splits in a fixed order, cast to out's dtype
 
 
