@@ -7,12 +7,12 @@ under the Triton interpreter (``TRITON_INTERPRET=1``); nothing here sets it.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 
 from ..alloc import empty_output
+from ..target import interpreted, multiprocessor_count
 from .triton_kernels import MAX_BALANCE_SLOTS, ar_attention_fwd_kernel, ar_split_merge_kernel
 
 # Register budget of the accumulators of one program, in fp32 elements: three 64 x 128 states
@@ -21,11 +21,6 @@ _ACC_BUDGET = 3 * 64 * 128
 _MERGE_BLOCK_M = 16
 _MAX_SPLITS = 128
 _MIN_BLOCKS_PER_SPLIT = 4
-
-
-def _interpreted(device: torch.device) -> bool:
-    """Whether the kernels run in the Triton interpreter (CPU tensors, or TRITON_INTERPRET=1)."""
-    return device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _next_pow2(n: int) -> int:
@@ -92,9 +87,9 @@ def _num_splits(n_programs: int, len_k: int, block_n: int, device: torch.device,
         if requested < 1:
             raise ValueError(f"num_splits: expected an int >= 1, got {requested}")
         return max(1, min(requested, n_blocks))
-    if device.type != "cuda":
+    n_sm = multiprocessor_count(device)
+    if n_sm is None:  # the interpreter: no SMs to fill
         return 1
-    n_sm = torch.cuda.get_device_properties(device).multi_processor_count
     if n_programs >= n_sm:
         return 1
     return max(1, min(triton.cdiv(2 * n_sm, n_programs), n_blocks // _MIN_BLOCKS_PER_SPLIT, _MAX_SPLITS))
@@ -138,7 +133,7 @@ def ar_attention_fwd(q, k, v, key_modality, *, num_modalities, balance, target, 
     splits, keys_per_split = plan["num_splits"], plan["keys_per_split"]
     n_m_blocks = triton.cdiv(len_q, block_m)
     use_split = splits > 1
-    interpreter_bf16 = q.dtype == torch.bfloat16 and _interpreted(device)
+    interpreter_bf16 = q.dtype == torch.bfloat16 and interpreted(device)
 
     masses_arg = masses if masses is not None else o
     mass_strides = masses.stride() if masses is not None else (0, 0, 0, 0)

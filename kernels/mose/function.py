@@ -52,6 +52,15 @@ def deterministic_enabled(deterministic: bool | None = None) -> bool:
     return os.environ.get(DETERMINISTIC_ENV, "0") == "1" or torch.are_deterministic_algorithms_enabled()
 
 
+def _gemm_accumulate(out, a, b):
+    """``out += a @ b`` in place (cuBLAS with beta = 1: ``out`` is read as C in the GEMM's epilogue).
+
+    The fused op's base GEMMs go through here; the static kernel report, which runs the launchers on
+    CPU tensors at full size with the Triton launches recorded, replaces it (these are not Triton
+    kernels, and on its CPU they would take minutes)."""
+    return out.addmm_(a, b)
+
+
 def _lora_forward(x, routing: MoseRouting, gate, A, B, scale_vec, out, *, inplace: bool, save_h: bool):
     """``(out + update, h)``: a new tensor (out's dtype, x's without out), or ``out`` itself in place."""
     hp = shrink(x, routing, A)
@@ -71,7 +80,7 @@ def _linear_forward(x, weight, bias, routing: MoseRouting, gate, A, B, scale_vec
     hp = shrink(x, routing, A)
     y = empty_output((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
     y, h, norm = expand(hp, routing, gate, B, scale_vec, bias, y, save_h=save_h, update_norm=update_norm)
-    y.addmm_(x, weight.t())
+    _gemm_accumulate(y, x, weight.t())
     return y, h, norm
 
 
@@ -122,7 +131,7 @@ class MoseLinearFunction(torch.autograd.Function):
             dy, x, h, ctx.routing, gate, A, B, ctx.scale_vec, need_dx=need_dx, need_dgate=need_dgate,
             need_dA=need_dA, need_dB=need_dB, deterministic=ctx.deterministic)
         if need_dx:
-            dx.addmm_(dy, weight)  # the base dx GEMM accumulates into the adapter's dx (beta = 1)
+            _gemm_accumulate(dx, dy, weight)  # the base dx GEMM accumulates into the adapter's dx (beta = 1)
         dw = dy.t().mm(x) if need_dw else None
         dbias = dy.sum(0) if need_dbias else None
         return dx, dw, dbias, dgate, dA, dB, None, None, None, None, None

@@ -16,12 +16,12 @@ Passes of one training step (see triton_kernels.py for each kernel):
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 
 from ..alloc import empty_output
+from ..target import interpreted, multiprocessor_count
 from .triton_kernels import (
     mose_dy_kernel,
     mose_expand_kernel,
@@ -64,20 +64,11 @@ def _pow2_at_most(n: int) -> int:
     return 1 << (max(1, n).bit_length() - 1)
 
 
-@functools.cache
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def interpreted(device: torch.device) -> bool:
-    """Whether kernels on ``device`` run through the Triton interpreter (CPU tensors)."""
-    return device.type != "cuda"
-
-
 def sm_count(device: torch.device) -> int:
-    if interpreted(device):
-        return DEFAULT_SMS
-    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    """SMs to fill (``kernels.target``: the device's, or the H100's inside ``target.pretend()``); under
+    the interpreter DEFAULT_SMS, so CPU tests plan the same splits as the GPU presets."""
+    count = multiprocessor_count(device)
+    return DEFAULT_SMS if count is None else count
 
 
 def numerics_mode(dtype: torch.dtype, device: torch.device) -> int:
@@ -191,7 +182,7 @@ def route(modality, expert, n_modalities: int, n_experts: int, *, sort_pairs: bo
     n_items = n_tokens + (n_tokens * top_k if sort_pairs else 0)
     min_chunk = 32 if interpreted(device) else 1
     chunk = max(min_chunk, n_items // (ROUTE_PROGRAMS_PER_SM * sm_count(device)))
-    sub = max(1, min(_pow2_at_least(chunk), 16384 // bins))  # the [SUB, BINS] one-hot tile: <= 16K elements
+    sub = max(1, min(_pow2_at_least(chunk), 4096 // bins))  # the [SUB, BINS] one-hot tile: <= 4 per thread
     n_token_chunks = _cdiv(n_tokens, chunk)
     n_pair_chunks = _cdiv(n_tokens * top_k, chunk) if sort_pairs else 0
 
