@@ -3,32 +3,38 @@
 ``mose_lora_triton`` (the unfused op behind ``mosear_fast.mose_lora(..., backend="triton")``):
 ``out + update``; ``out``'s gradient is ``dy`` passed through, so the base layer's own backward and
 autograd's sum of the two dx stay outside. ``mose_linear_triton`` (behind ``mosear_fast.mose_linear``)
-owns the frozen base too: ``x W^T + bias + update`` with one autograd Function, so the adapter's dx is
+owns the base layer too: ``x W^T + bias + update`` with one autograd Function, so the adapter's dx is
 accumulated into the base dx in place.
 
-How the fused op uses cuBLAS (the decision of issue 12, item 4; figures for H100 SXM, bf16,
-N = 8192, d_in = d_out = 4096, r = 16, M = 3, E = 4, at 80% of 3.35 TB/s and 70% of 990 TFLOP/s):
+How the fused op uses cuBLAS (the decision of issue 12, item 4). Roofline for H100 SXM at 80% of
+3.35 TB/s and 70% of 990 bf16 TFLOP/s; bf16, N = 8192, d_in = d_out = 4096, r = 16, M = 3, E = 4;
+one N x d tensor (x, y, dy, dx) = 67.1 MB = 25.0 us; the base GEMM 2 N d^2 = 275 GFLOP = 396.6 us:
 
-    base F.linear           2 N d^2 = 275 GFLOP                        -> 397 us (compute bound)
-    forward  = route + shrink (reads x: 67 MB, 25 us) + expand (writes y = bias + update: 67 MB, 25 us)
-               + cuBLAS ``y.addmm_(x, W^T)`` (beta = 1: the GEMM reads y as C in its epilogue; the
-               GEMM moves 168 MB in 397 us, far below the bandwidth, so the 67 MB of C are hidden)
-             = 397 + 50 + ~5 us                                          -> ~1.14x F.linear
+    forward  = route (~5 us: 265 programs read the ids from L2) + shrink (reads x: 25 us)
+               + expand (writes y = bias + update: 25 us) + cuBLAS ``y.addmm_(x, W^T)`` (beta = 1:
+               the GEMM reads y as C in its epilogue; it moves 168 MB in 397 us, 0.4 TB/s, so the
+               67 MB of C are hidden behind its math)                 = ~452 us -> 1.14x F.linear
                (1.20x if the C read were not hidden at all)
-    backward = dy pass (reads dy once: dh, dgate terms, dB by atomics into L2: 25 us)
-               + x pass (reads x once for dA, writes the adapter's dx: 50 us)
-               + cuBLAS ``dx.addmm_(dy, W)`` (beta = 1, the adapter's dx as C: 397 us)
-    forward + backward = (452 + 472) / 794 (F.linear's forward and dx-only backward)  -> ~1.17x
-               top-2: the same bytes (dy, x, y each once; B and dB twice, from L2)  -> ~1.17-1.18x
+    backward = dy pass (reads dy once: dh, dgate terms, dB by fp32 reds into L2: 25 us) + x pass
+               (reads x once for dA, writes the adapter's dx: 50 us) + cuBLAS ``dx.addmm_(dy, W)``
+               (beta = 1: the base dx accumulated into the adapter's, 397 us) = ~476 us
+    forward + backward = 928 / 793 us (F.linear's forward and dx-only backward) -> 1.17x
+               (1.23x with no C read hidden); top-2 moves the same bytes (B and dB twice, from L2;
+               the dy pass's skinny dots double to 4.3 GFLOP) -> 1.17-1.19x; deterministic mode
+               reads x and dy once more for the dA and dB reductions -> 1.23x (top-1).
+
+The unfused ``F.linear`` + ``mose_lora_triton(out=base)`` costs 1.20x forward (the expand reads out
+and writes y) and 1.29x forward + backward (autograd adds the base dx and the adapter's dx: 201 MB).
 
 The alternative, a Triton GEMM with the expand in its epilogue (128x256 tiles, grouped ordering,
-TMA), saves the expand's 67 MB write only if it runs within ~7% of cuBLAS, with rows gathered
-through the routing (no TMA for them) and an epilogue that loops over the groups of its tile; the
-kernel report cannot show that efficiency without a GPU, while the cuBLAS form has cuBLAS's by
-construction. A dense cuBLAS form of the update (``H' @ B_cat^T`` with H' holding zeros outside each
-token's group) would also multiply every row by every expert's B: a NaN in one expert's B would
-reach every row (issue 17), which the Triton expand's select avoids. So the fused op is the
-cuBLAS form; the former Triton GEMM (kernels/mose/fused_linear.py) is deleted.
+TMA), could save the expand's 25 us only if it ran within ~6% of cuBLAS, with rows gathered through
+the routing (no TMA for them) and an epilogue looping over the groups of each tile; no static
+report shows that efficiency without a GPU, while the form above has cuBLAS's by construction. A
+dense cuBLAS form of the update (``H' @ B_cat^T``, H' holding zeros outside each token's group)
+would also multiply every row by every expert's B, so a NaN in one expert's B would reach every row
+(issue 17); the Triton expand selects rows instead. Hence the cuBLAS form; the former Triton GEMM
+(kernels/mose/fused_linear.py) is deleted. The 1.10x target for the fused forward is not reached
+by this roofline (1.14x): it would need the expand inside the GEMM (the Triton GEMM above).
 """
 
 from __future__ import annotations
