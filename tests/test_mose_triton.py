@@ -365,18 +365,18 @@ def test_routing_is_one_stable_counting_sort(device, monkeypatch, n_tokens, top_
 
 
 def test_splits_fill_the_gpu_presets():
-    """Every streaming kernel launches at least PROGRAMS_PER_SM programs per SM at the GPU presets."""
-    cuda = torch.device("cuda")
-    sms = 132
-    target = launch.PROGRAMS_PER_SM * sms
+    """Every streaming kernel launches at least PROGRAMS_PER_SM programs per SM at the GPU presets,
+    with every feature tile in exactly one split."""
+    from mosear_fast.kernels.target import H100, pretend
+
+    target = launch.PROGRAMS_PER_SM * H100.multiprocessor_count
     for n_tokens, d in ((2048, 4096), (8192, 3584), (16384, 18944)):
         blocks = -(-n_tokens // launch.token_block(n_tokens))
         tiles = -(-d // launch.feature_block(d))
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(launch, "sm_count", lambda device: sms)
-            splits, per_split = launch.feature_splits(blocks, tiles, cuda)
+        with pretend(H100):
+            splits, per_split = launch.feature_splits(blocks, tiles, torch.device("cpu"))
         assert blocks * splits >= target or splits == tiles
-        assert (splits - 1) * per_split < tiles <= splits * per_split  # every tile in exactly one split
+        assert (splits - 1) * per_split < tiles <= splits * per_split
 
 
 # ------------------------------------------------------------------------------------------------
