@@ -15,7 +15,7 @@ from .ar_config import ARConfig
 from .context import ensure_context, share_context
 from .hf_attention import IMPLEMENTATION, REPLACEABLE_IMPLEMENTATIONS, register_attention
 from .modality import DEFAULT_MODALITIES
-from .mose_linear import MoSELinear
+from .mose_layer import MoSELinear
 
 
 def apply_mosear(model, mose=None, ar: ARConfig | None = None, *, adapter_name: str = "default"):

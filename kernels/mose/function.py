@@ -71,3 +71,28 @@ def mose_lora_triton(x, modality, expert, gate, A, B, scale_vec, out, *, inplace
     routing = prepare_routing(modality, expert, gate, A.shape[0], B.shape[1])
     y, _ = mose_forward(x, routing, A, B, scale_vec, out, inplace=inplace)
     return y
+
+
+def mose_linear_triton(x, weight, bias, modality, expert, gate, A, B, scale_vec, *, return_update_norm=False,
+                       deterministic=None):
+    """``F.linear(x, weight, bias) + MoSE update`` on the Triton kernels, for arguments validated by
+    ``mosear_fast.mose_linear`` (``scale_vec``: (M,) float32); returns y, or ``(y, norm)``.
+
+    Interim adapter (owned by mose-kernels, who replace it with the fused kernels of issue 12): the
+    fused forward of ``fused_linear.mose_linear``, or ``F.linear`` + ``mose_lora_triton`` when the
+    base weight or bias requires grad; the update norm (before scale) from a second, unscaled
+    ``mose_lora_triton`` call without grad.
+    """
+    from .fused_linear import mose_linear  # compiles the fused kernels on first use
+
+    frozen = (weight,) if bias is None else (weight, bias)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in frozen):
+        base = torch.nn.functional.linear(x, weight, bias)
+        y = mose_lora_triton(x, modality, expert, gate, A, B, scale_vec, base, deterministic=deterministic)
+    else:
+        y = mose_linear(x, weight, bias, modality, expert, gate, A, B, scale_vec, deterministic=deterministic)
+    if not return_update_norm:
+        return y
+    with torch.no_grad():
+        update = mose_lora_triton(x, modality, expert, gate, A, B, torch.ones_like(scale_vec), None)
+        return y, update.float().norm(dim=-1)

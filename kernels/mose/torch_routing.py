@@ -1,0 +1,196 @@
+"""Routing of the MoSE PyTorch backend: which rows each matmul reads, computed once per call.
+
+Groupings of tokens: by modality (the shrink ``h = A[m] x`` and its gradients dA, dx) and, for
+each choice j of the top-k, by ``(modality, expert_j)`` (the expand and its gradients dB, dh,
+dgate). Rows without adapter (modality -1) are in no group.
+
+A grouping keeps the rows **in place** when they already form few contiguous runs of one key --
+the usual audio-visual prompt (text, a visual span, an audio span, text) for the modalities,
+sequence routing (a (sample, modality) span shares its experts) for the choices: every matmul then
+reads and writes slices, nothing is copied. Otherwise it **sorts** the token ids once (stable);
+its matmuls read their rows gathered by ``index_select`` and results return with ``index_add_``,
+in chunks of at most ``CHUNK_BYTES`` gathered just before and scattered just after each matmul:
+the chunk stays in cache, and a temporary that small is recycled by malloc, where a large one is
+mapped afresh and page-faults on every call (measured: 480 faults per call at N=512, d=512 for
+the gathered x alone; the fault cost exceeded the matmuls').
+When the tokens must be sorted, they follow choice 0's order (its groups refine the modalities'),
+so top-1 sorts once and never reorders ``h``.
+
+Group bounds are read on the host: free on the CPU, a synchronisation on CUDA (which is why CUDA
+tensors go to the Triton backend by default).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# A grouping stays in place when its runs are at least this long on average, or no more numerous
+# than the keys (so never more matmuls than the sorted form). Measured on the CPU (bench --op mose,
+# av-layout prompts): below ~32 rows per run the per-matmul overhead outweighs the gather and scatter.
+MIN_MEAN_RUN = 32
+# Sorted rows are gathered, and products scattered, in chunks of at most this many bytes per matmul.
+CHUNK_BYTES = 512 << 10
+
+
+def chunk_rows(row_bytes: int) -> int:
+    """Rows per chunk of a sorted grouping."""
+    return max(1, CHUNK_BYTES // max(row_bytes, 1))
+
+
+def keeps_in_place(n_runs: int, n_keys: int, n_rows: int) -> bool:
+    """Whether ``n_rows`` rows in ``n_runs`` runs of ``n_keys`` possible keys stay in place."""
+    return n_runs <= n_keys or n_runs * MIN_MEAN_RUN <= n_rows
+
+
+@dataclass(frozen=True)
+class Grouping:
+    """Tokens grouped by key: segment i holds ``sizes[i]`` rows of key ``keys[i]``.
+
+    In place (``rows`` None): segment i is tokens ``starts[i] .. starts[i] + sizes[i]`` and a
+    tensor "in this grouping's order" is in token order. Sorted: ``rows`` (n_kept,) lists the token
+    ids in grouped order, segment i is positions ``starts[i] ..`` of it (``row_parts[i]`` its token
+    ids), and a key may span several consecutive segments (chunks of at most ``CHUNK_BYTES``).
+    """
+
+    keys: tuple[int, ...]
+    sizes: tuple[int, ...]
+    starts: tuple[int, ...]
+    rows: torch.Tensor | None
+    row_parts: tuple[torch.Tensor, ...] = ()
+
+    @property
+    def in_place(self) -> bool:
+        return self.rows is None
+
+    def parts(self, t: torch.Tensor):
+        """Per-segment views of ``t`` (dim 0 in this grouping's order)."""
+        if self.rows is None:
+            return [t[start:start + size] for start, size in zip(self.starts, self.sizes, strict=True)]
+        return t.split(self.sizes)
+
+    def takes(self, t: torch.Tensor):
+        """Each segment's rows of ``t`` (dim 0: tokens), in order: slices in place, else gathered
+        lazily, one segment at a time, just before use."""
+        if self.rows is None:
+            return self.parts(t)
+        return (t.index_select(0, rows) for rows in self.row_parts)
+
+    def add_matmuls(self, dst: torch.Tensor, factors) -> None:
+        """``dst[rows of segment i] += a_i @ b_i`` in place for ``factors`` = ((a_0, b_0), ...), one
+        pair per segment (dst: tokens on dim 0)."""
+        if self.rows is None:
+            for part, (a, b) in zip(self.parts(dst), factors, strict=True):
+                part.addmm_(a, b)
+        else:
+            for rows, (a, b) in zip(self.row_parts, factors, strict=True):
+                dst.index_add_(0, rows, torch.mm(a, b))
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (dim 0: tokens) in this grouping's order."""
+        return t if self.rows is None else t.index_select(0, self.rows)
+
+    def scatter(self, t: torch.Tensor, n_tokens: int) -> torch.Tensor:
+        """``t`` (dim 0 in this grouping's order) in token order; 0 for rows in no group."""
+        if self.rows is None:
+            return t
+        return t.new_zeros((n_tokens,) + tuple(t.shape[1:])).index_copy_(0, self.rows, t)
+
+    def same_order(self, other: Grouping) -> bool:
+        return self.rows is other.rows  # both in place, or sorted by the one shared index
+
+
+def _runs(values: torch.Tensor, counts: torch.Tensor):
+    keys, sizes = values.tolist(), counts.tolist()
+    starts, start = [], 0
+    for size in sizes:
+        starts.append(start)
+        start += size
+    return keys, sizes, starts
+
+
+def group_tokens(keys: torch.Tensor, n_keys: int, *, row_bytes: int = 0, may_sort: bool = True) -> Grouping | None:
+    """Groups the tokens by ``keys`` (N,) int64 in [-1, n_keys); -1 is left out. ``row_bytes``: the
+    widest row a matmul gathers or scatters. None when the groups are not in place and ``may_sort``
+    is False."""
+    values, counts = torch.unique_consecutive(keys, return_counts=True)
+    if keeps_in_place(values.shape[0], n_keys, keys.numel()):
+        rows = None
+    elif not may_sort:
+        return None
+    else:
+        keys, rows = torch.sort(keys, stable=True)
+        values, counts = torch.unique_consecutive(keys, return_counts=True)
+    runs = _runs(values, counts)
+    kept = [i for i, key in enumerate(runs[0]) if key >= 0]
+    keys_kept, sizes, starts = ([run[i] for i in kept] for run in runs)
+    if rows is not None and len(kept) < len(runs[0]):  # sorted: the -1 group comes first
+        skipped = runs[1][0]
+        rows = rows[skipped:]
+        starts = [s - skipped for s in starts]
+    if rows is None:
+        return Grouping(tuple(keys_kept), tuple(sizes), tuple(starts), None)
+    # sorted: segments of at most max_rows rows (a group's gathered rows and products stay small)
+    max_rows = chunk_rows(row_bytes)
+    chunks = [(key, start + lo, min(max_rows, size - lo))
+              for key, start, size in zip(keys_kept, starts, sizes, strict=True) for lo in range(0, size, max_rows)]
+    keys_kept, starts, sizes = (tuple(c[i] for c in chunks) for i in range(3))
+    return Grouping(keys_kept, sizes, starts, rows, tuple(rows.split(sizes)))
+
+
+def coarsen(grouping: Grouping, divisor: int, max_rows: int) -> Grouping:
+    """The same rows keyed by ``key // divisor``: adjacent segments of one coarse key merge (fewer,
+    longer matmuls), in place without limit, sorted up to ``max_rows`` rows (the chunk size)."""
+    keys, sizes, starts = [], [], []
+    limit = None if grouping.in_place else max_rows
+    for key, size, start in zip(grouping.keys, grouping.sizes, grouping.starts, strict=True):
+        coarse = key // divisor
+        if (keys and keys[-1] == coarse and starts[-1] + sizes[-1] == start
+                and (limit is None or sizes[-1] + size <= limit)):
+            sizes[-1] += size
+        else:
+            keys.append(coarse), sizes.append(size), starts.append(start)
+    if grouping.in_place:
+        return Grouping(tuple(keys), tuple(sizes), tuple(starts), None)
+    return Grouping(tuple(keys), tuple(sizes), tuple(starts), grouping.rows, tuple(grouping.rows.split(sizes)))
+
+
+@dataclass(frozen=True)
+class TorchRouting:
+    """Groupings and per-(token, choice) weights of one call."""
+
+    tokens: Grouping  # by modality
+    choices: tuple[Grouping, ...]  # choice j: by modality * E + expert[:, j]
+    gate: torch.Tensor  # [N, k] float32, 0 without adapter
+    scale: torch.Tensor  # [N] float32 scale of the token's modality, 0 without adapter
+    weight: torch.Tensor  # [N, k] float32 gate * scale
+    adapted: torch.Tensor  # [N] bool
+    expert: torch.Tensor  # [N, k] expert ids as given (out of range allowed without adapter)
+    n_experts: int
+
+    @property
+    def n_tokens(self) -> int:
+        return self.adapted.shape[0]
+
+
+def prepare_torch_routing(modality, expert, gate, scale_vec, n_modalities: int, n_experts: int, *,
+                          row_bytes: int) -> TorchRouting:
+    """Groupings and weights for validated inputs (``scale_vec``: (M,) float32; ``row_bytes``: the
+    widest row of x, the output or their gradients). Few tensor ops: each costs microseconds, which
+    matter next to a small layer."""
+    mod = modality.long()
+    adapted = mod >= 0
+    mod0 = mod.clamp_min(0)
+    keys = torch.where(adapted[:, None], mod0[:, None] * n_experts + expert, -1)  # [N, k]
+    choices = tuple(group_tokens(keys[:, j].contiguous(), n_modalities * n_experts, row_bytes=row_bytes)
+                    for j in range(keys.shape[1]))
+    tokens = None
+    if not choices[0].in_place:  # the modalities may still form few runs (token routing of an a/v prompt)
+        tokens = group_tokens(keys[:, 0].div(n_experts, rounding_mode="floor"), n_modalities, may_sort=False)
+    if tokens is None:  # choice 0's groups refine the modalities': share its order
+        tokens = coarsen(choices[0], n_experts, chunk_rows(row_bytes))
+    scale = scale_vec[mod0] * adapted
+    gate = torch.where(adapted[:, None], gate.float(), 0.0)  # a padding row's gate never reaches a result
+    return TorchRouting(tokens=tokens, choices=choices, gate=gate, scale=scale, weight=gate * scale[:, None],
+                        adapted=adapted, expert=expert, n_experts=n_experts)
