@@ -114,8 +114,9 @@ def adapter_backward(dy, x, routing: TorchRouting, h, A, B, dx_acc, *, need_dgat
     d_out, rank, d_in = B.shape[2], B.shape[3], A.shape[2]
     need_dh = dx_acc is not None or need_dA
     b_mats = _matrices(B, d_out, rank)  # [d_out, r] per (m, e)
-    dB = B.new_zeros(B.shape, dtype=F32) if need_dB else None
-    db_mats = dB.view(-1, d_out, rank).unbind(0) if need_dB else None
+    # dB^T (r, d_out) per (m, e): hw^T dy runs about twice as fast as dy^T hw on the CPU
+    dB_t = B.new_zeros(B.shape[0] * B.shape[1], rank, d_out, dtype=F32) if need_dB else None
+    db_mats = dB_t.unbind(0) if need_dB else None
     dgate = routing.gate.new_zeros(routing.gate.shape) if need_dgate else None
     dh = h.new_zeros(h.shape) if need_dh else None
     dy = dy.to(F32)
@@ -130,12 +131,13 @@ def adapter_backward(dy, x, routing: TorchRouting, h, A, B, dx_acc, *, need_dgat
             if v_part is not None:
                 torch.mm(dy_part, b_mats[key], out=v_part)
             if need_dB:
-                db_mats[key].addmm_(dy_part.t(), hw_part)
+                db_mats[key].addmm_(hw_part.t(), dy_part)
         if need_dgate:
             dgate[:, j] = choice.scatter((v * hj).sum(1), n_tokens) * routing.scale
         if need_dh:
             dv = v * choice.gather(routing.weight[:, j])[:, None]
             dh += _reorder(dv, choice, tokens, n_tokens)
+    dB = dB_t.transpose(1, 2).reshape(B.shape) if need_dB else None
     if not need_dh:
         return dgate, None, dB
 

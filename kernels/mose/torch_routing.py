@@ -10,9 +10,9 @@ sequence routing (a (sample, modality) span shares its experts) for the choices:
 reads and writes slices, nothing is copied. Otherwise it **sorts** the token ids once (stable);
 its matmuls read their rows gathered by ``index_select`` and results return with ``index_add_``,
 in chunks of at most ``CHUNK_BYTES`` gathered just before and scattered just after each matmul:
-the chunk stays in cache, and a temporary that small is recycled by malloc, where a large one is
-mapped afresh and page-faults on every call (measured: 480 faults per call at N=512, d=512 for
-the gathered x alone; the fault cost exceeded the matmuls').
+the chunk stays in cache, and a temporary that small is recycled by malloc, where a large one may
+be mapped afresh and page-fault on every call (measured on the development machine: 480 minor
+faults per call at N=512, d=512 for x gathered whole, none in chunks).
 When the tokens must be sorted, they follow choice 0's order (its groups refine the modalities'),
 so top-1 sorts once and never reorders ``h``.
 
@@ -27,10 +27,12 @@ from dataclasses import dataclass
 import torch
 
 # A grouping stays in place when its runs are at least this long on average, or no more numerous
-# than the keys (so never more matmuls than the sorted form). Measured on the CPU (bench --op mose,
-# av-layout prompts): below ~32 rows per run the per-matmul overhead outweighs the gather and scatter.
+# than the keys (so never more matmuls than the sorted form). Measured on the CPU (mose_linear,
+# N=512, d=512, one thread, runs of one (modality, expert)): sorting wins at 4-row runs, the two
+# break even between 16 and 32, in place wins at 64.
 MIN_MEAN_RUN = 32
-# Sorted rows are gathered, and products scattered, in chunks of at most this many bytes per matmul.
+# Sorted rows are gathered, and products scattered, in chunks of at most this many bytes per matmul
+# (see the module docstring: small temporaries stay in cache and are not page-faulted afresh).
 CHUNK_BYTES = 512 << 10
 
 
