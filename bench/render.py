@@ -49,6 +49,8 @@ def run_label(env: dict) -> str:
     if env.get("transformers"):
         parts.append(f"transformers {env['transformers']}")
     parts.append(f"commit {env.get('commit')}")
+    if env.get("clock"):
+        parts.append(f"timed by {env['clock']}")
     return ", ".join(parts)
 
 

@@ -54,6 +54,26 @@ def test_runner_writes_json_with_ratios(tmp_path, monkeypatch):
     assert timings["mosear_torch"]["median_ms"] > 0 and timings["mosear_torch"]["tflops"] > 0
 
 
+def test_runner_cpu_clock_needs_one_thread(tmp_path, monkeypatch, capsys):
+    """--clock cpu times the process's CPU time, recorded in the JSON; refused with several threads."""
+    monkeypatch.setitem(presets.PRESETS["mose"], "tiny", lambda: [
+        {k: v for k, v in TINY_MOSE.items() if k != "device"}])
+    out = tmp_path / "r.json"
+    args = ["--op", "mose", "--preset", "tiny", "--device", "cpu", "--min-seconds", "0", "--max-runs", "2",
+            "--providers", "linear,mosear_linear_torch", "--clock", "cpu", "--out", str(out)]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert bench_main(args) == 2 and "OMP_NUM_THREADS=1" in capsys.readouterr().err and not out.exists()
+        torch.set_num_threads(1)
+        assert bench_main(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads(out.read_text())
+    assert result["environment"]["clock"] == "process CPU time" and result["environment"]["threads"] == 1
+    assert result["results"][0]["providers"]["mosear_linear_torch"]["median_ms"] > 0
+
+
 def test_runner_rejects_unknown_names(capsys):
     assert bench_main(["--op", "ar", "--preset", "nope", "--device", "cpu"]) == 2
     assert "preset" in capsys.readouterr().err
