@@ -51,6 +51,8 @@ def run_label(env: dict) -> str:
     parts.append(f"commit {env.get('commit')}")
     if env.get("clock"):
         parts.append(f"timed by {env['clock']}")
+    if env.get("rounds"):
+        parts.append(f"{env['rounds']} interleaved rounds")
     return ", ".join(parts)
 
 

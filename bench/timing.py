@@ -16,6 +16,33 @@ def _sync(device: torch.device) -> None:
 CLOCKS = ("wall", "cpu")
 
 
+def _tick(clock: str):
+    return time.process_time if clock == "cpu" else time.perf_counter
+
+
+def _summary(times_ms: list[float]) -> dict:
+    quantiles = statistics.quantiles(times_ms, n=5) if len(times_ms) > 1 else [times_ms[0]] * 4
+    return dict(median_ms=statistics.median(times_ms), p20_ms=quantiles[0], p80_ms=quantiles[3],
+                runs=len(times_ms), peak_memory_bytes=None)
+
+
+def measure_rounds(fns: dict, *, rounds: int, warmup: int = 3, clock: str = "wall") -> dict:
+    """CPU only: ``rounds`` rounds, each running every callable of ``fns`` once in turn, so that load
+    which drifts during the run (a shared machine) falls on every provider alike. Returns
+    ``measure``'s summary per name."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    tick = _tick(clock)
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = tick()
+            fn()
+            times[name].append((tick() - t0) * 1e3)
+    return {name: _summary(t) for name, t in times.items()}
+
+
 def measure(fn, device: torch.device, *, warmup: int = 3, min_runs: int = 5, max_runs: int = 100,
             min_seconds: float = 0.5, clock: str = "wall") -> dict:
     """Runs ``fn`` after ``warmup`` calls until ``min_runs`` and ``min_seconds`` are both reached.
@@ -31,7 +58,7 @@ def measure(fn, device: torch.device, *, warmup: int = 3, min_runs: int = 5, max
         fn()
     _sync(device)
     times_ms = []
-    tick = time.process_time if clock == "cpu" else time.perf_counter
+    tick = _tick(clock)
     started = time.perf_counter()
     while len(times_ms) < max_runs and (len(times_ms) < min_runs or time.perf_counter() - started < min_seconds):
         if device.type == "cuda":
@@ -45,9 +72,7 @@ def measure(fn, device: torch.device, *, warmup: int = 3, min_runs: int = 5, max
             t0 = tick()
             fn()
             times_ms.append((tick() - t0) * 1e3)
-    quantiles = statistics.quantiles(times_ms, n=5) if len(times_ms) > 1 else [times_ms[0]] * 4
-    result = dict(median_ms=statistics.median(times_ms), p20_ms=quantiles[0], p80_ms=quantiles[3],
-                  runs=len(times_ms), peak_memory_bytes=None)
+    result = _summary(times_ms)
     if device.type == "cuda":
         _sync(device)
         base = torch.cuda.memory_allocated(device)

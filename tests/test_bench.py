@@ -54,13 +54,14 @@ def test_runner_writes_json_with_ratios(tmp_path, monkeypatch):
     assert timings["mosear_torch"]["median_ms"] > 0 and timings["mosear_torch"]["tflops"] > 0
 
 
-def test_runner_cpu_clock_needs_one_thread(tmp_path, monkeypatch, capsys):
-    """--clock cpu times the process's CPU time, recorded in the JSON; refused with several threads."""
+def test_runner_cpu_clock_and_interleaved_rounds(tmp_path, monkeypatch, capsys):
+    """--clock cpu times the process's CPU time (refused with several threads) and --rounds N times
+    every provider once per round; both are recorded in the JSON."""
     monkeypatch.setitem(presets.PRESETS["mose"], "tiny", lambda: [
         {k: v for k, v in TINY_MOSE.items() if k != "device"}])
     out = tmp_path / "r.json"
     args = ["--op", "mose", "--preset", "tiny", "--device", "cpu", "--min-seconds", "0", "--max-runs", "2",
-            "--providers", "linear,mosear_linear_torch", "--clock", "cpu", "--out", str(out)]
+            "--providers", "linear,mosear_linear_torch", "--clock", "cpu", "--rounds", "3", "--out", str(out)]
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
@@ -71,7 +72,13 @@ def test_runner_cpu_clock_needs_one_thread(tmp_path, monkeypatch, capsys):
         torch.set_num_threads(threads)
     result = json.loads(out.read_text())
     assert result["environment"]["clock"] == "process CPU time" and result["environment"]["threads"] == 1
-    assert result["results"][0]["providers"]["mosear_linear_torch"]["median_ms"] > 0
+    assert result["environment"]["rounds"] == 3
+    timings = result["results"][0]["providers"]
+    assert list(timings) == ["linear", "mosear_linear_torch"] and timings["mosear_linear_torch"]["runs"] == 3
+    assert timings["linear"]["ratio_to_floor"] == 1.0 and timings["mosear_linear_torch"]["median_ms"] > 0
+    wall = args[:args.index("--clock")] + ["--rounds", "0", "--out", str(tmp_path / "no.json")]
+    assert bench_main(wall) == 2
+    assert "rounds" in capsys.readouterr().err
 
 
 def test_runner_rejects_unknown_names(capsys):
