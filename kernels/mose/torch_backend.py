@@ -51,11 +51,10 @@ def _shrink(x32, routing: TorchRouting, A) -> torch.Tensor:
     return h
 
 
-def _choice_rows(routing: TorchRouting, h, j: int):
-    """For choice j, in its grouping's order: h, and ``s g h``."""
+def _weighted_rows(routing: TorchRouting, h, j: int):
+    """``s g h`` of choice j, in its grouping's order."""
     choice = routing.choices[j]
-    hj = _reorder(h, routing.tokens, choice, routing.n_tokens)
-    return hj, hj * choice.gather(routing.weight[:, j])[:, None]
+    return _reorder(h, routing.tokens, choice, routing.n_tokens) * choice.gather(routing.weight[:, j])[:, None]
 
 
 def _update_norm(routing: TorchRouting, h, B32) -> torch.Tensor:
@@ -92,24 +91,27 @@ def _update_norm(routing: TorchRouting, h, B32) -> torch.Tensor:
 
 
 def adapter_forward(acc, x, routing: TorchRouting, A, B, *, want_norm: bool = False):
-    """Adds the MoSE update into ``acc`` (N, d_out) float32 in place. Returns ``(h, norm)``: h
-    for the backward, and the per-token update norm before scale (``want_norm``) or None."""
+    """Adds the MoSE update into ``acc`` (N, d_out) float32 in place. Returns ``(h, hw, norm)``: h
+    and the per-choice ``s g h`` for the backward, and the per-token update norm before scale
+    (``want_norm``) or None."""
     d_out, rank = B.shape[2], B.shape[3]
     h = _shrink(x.to(F32), routing, A)
     b_t = _matrices(B, d_out, rank, transposed=True)  # [r, d_out] per (m, e)
+    hws = []
     for j, choice in enumerate(routing.choices):
-        _, hw = _choice_rows(routing, h, j)
+        hw = _weighted_rows(routing, h, j)
         choice.add_matmuls(acc, [(hw_part, b_t[key]) for key, hw_part in zip(choice.keys, choice.parts(hw),
                                                                                 strict=True)])
+        hws.append(hw)
     norm = _update_norm(routing, h, B.to(F32)) if want_norm else None
-    return h, norm
+    return h, tuple(hws), norm
 
 
-def adapter_backward(dy, x, routing: TorchRouting, h, A, B, dx_acc, *, need_dgate: bool, need_dA: bool,
+def adapter_backward(dy, x, routing: TorchRouting, h, hws, A, B, dx_acc, *, need_dgate: bool, need_dA: bool,
                      need_dB: bool):
-    """Gradients of the update for upstream ``dy`` (N, d_out). Adds the adapter's dx into ``dx_acc``
-    (N, d_in) float32 in place when given. Returns float32 ``(dgate (N, k), dA, dB)``, None where
-    not needed."""
+    """Gradients of the update for upstream ``dy`` (N, d_out), from the forward's ``h`` and ``hws``.
+    Adds the adapter's dx into ``dx_acc`` (N, d_in) float32 in place when given. Returns float32
+    ``(dgate (N, k), dA, dB)``, None where not needed."""
     tokens, n_tokens = routing.tokens, routing.n_tokens
     d_out, rank, d_in = B.shape[2], B.shape[3], A.shape[2]
     need_dh = dx_acc is not None or need_dA
@@ -122,9 +124,8 @@ def adapter_backward(dy, x, routing: TorchRouting, h, A, B, dx_acc, *, need_dgat
     dy = dy.to(F32)
 
     # Choice side: one read of dy per group gives V = dy B[m, e] (for dh and dgate) and dB.
-    for j, choice in enumerate(routing.choices):
-        hj, hw = _choice_rows(routing, h, j)
-        v = hj.new_zeros(hj.shape) if (need_dh or need_dgate) else None
+    for j, (choice, hw) in enumerate(zip(routing.choices, hws, strict=True)):
+        v = hw.new_zeros(hw.shape) if (need_dh or need_dgate) else None
         v_parts = choice.parts(v) if v is not None else [None] * len(choice.keys)
         for key, dy_part, hw_part, v_part in zip(choice.keys, choice.takes(dy), choice.parts(hw), v_parts,
                                                  strict=True):
@@ -133,6 +134,7 @@ def adapter_backward(dy, x, routing: TorchRouting, h, A, B, dx_acc, *, need_dgat
             if need_dB:
                 db_mats[key].addmm_(hw_part.t(), dy_part)
         if need_dgate:
+            hj = _reorder(h, tokens, choice, n_tokens)
             dgate[:, j] = choice.scatter((v * hj).sum(1), n_tokens) * routing.scale
         if need_dh:
             dv = v * choice.gather(routing.weight[:, j])[:, None]
@@ -186,12 +188,12 @@ class MoseLoraTorchFunction(torch.autograd.Function):
     def forward(ctx, x, gate, A, B, out, routing, inplace):
         result_dtype = out.dtype if out is not None else x.dtype
         acc = _accumulator(out, x.shape[0], B.shape[2], x.device, inplace=inplace)
-        h, _ = adapter_forward(acc, x, routing, A, B)
+        h, hws, _ = adapter_forward(acc, x, routing, A, B)
         y = _finish(acc, out, result_dtype, inplace=inplace)
         if inplace:
             ctx.mark_dirty(out)
         ctx.save_for_backward(x, A, B, h)
-        ctx.routing, ctx.gate_dtype = routing, gate.dtype
+        ctx.routing, ctx.hws, ctx.gate_dtype = routing, hws, gate.dtype
         return y
 
     @staticmethod
@@ -199,7 +201,7 @@ class MoseLoraTorchFunction(torch.autograd.Function):
         x, A, B, h = ctx.saved_tensors
         need_dx, need_dgate, need_dA, need_dB, need_dout = ctx.needs_input_grad[:5]
         dx_acc = x.new_zeros(x.shape, dtype=F32) if need_dx else None
-        dgate, dA, dB = adapter_backward(dy, x, ctx.routing, h, A, B, dx_acc, need_dgate=need_dgate,
+        dgate, dA, dB = adapter_backward(dy, x, ctx.routing, h, ctx.hws, A, B, dx_acc, need_dgate=need_dgate,
                                          need_dA=need_dA, need_dB=need_dB)
         dx = dx_acc.to(x.dtype) if need_dx else None
         return (dx, *cast_grads(ctx, dgate, dA, dB, A, B), (dy if need_dout else None), None, None)

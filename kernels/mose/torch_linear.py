@@ -19,8 +19,8 @@ from .torch_routing import prepare_torch_routing
 def _forward(x, weight, bias, routing, A, B, want_norm):
     y = F.linear(x, weight, bias)  # [N, d_out]
     acc = y if y.dtype == F32 else y.to(F32)
-    h, norm = adapter_forward(acc, x, routing, A, B, want_norm=want_norm)
-    return acc.to(x.dtype), h, norm
+    h, hws, norm = adapter_forward(acc, x, routing, A, B, want_norm=want_norm)
+    return acc.to(x.dtype), h, hws, norm
 
 
 class MoseLinearTorchFunction(torch.autograd.Function):
@@ -28,9 +28,9 @@ class MoseLinearTorchFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, gate, A, B, routing, want_norm):
-        y, h, norm = _forward(x, weight, bias, routing, A, B, want_norm)
+        y, h, hws, norm = _forward(x, weight, bias, routing, A, B, want_norm)
         ctx.save_for_backward(x, weight, A, B, h)
-        ctx.routing, ctx.gate_dtype, ctx.has_bias = routing, gate.dtype, bias is not None
+        ctx.routing, ctx.hws, ctx.gate_dtype, ctx.has_bias = routing, hws, gate.dtype, bias is not None
         if norm is None:
             return y
         ctx.mark_non_differentiable(norm)
@@ -45,7 +45,7 @@ class MoseLinearTorchFunction(torch.autograd.Function):
         if need_dx:
             dx = dy @ weight  # [N, d_in]: the base's dx; the adapter's is added into it
             dx_acc = dx if dx.dtype == F32 else dx.to(F32)
-        dgate, dA, dB = adapter_backward(dy, x, ctx.routing, h, A, B, dx_acc, need_dgate=need_dgate,
+        dgate, dA, dB = adapter_backward(dy, x, ctx.routing, h, ctx.hws, A, B, dx_acc, need_dgate=need_dgate,
                                          need_dA=need_dA, need_dB=need_dB)
         if need_dx:
             dx = dx_acc.to(x.dtype)
@@ -65,5 +65,5 @@ def mose_linear_torch(x, weight, bias, modality, expert, gate, A, B, scale_vec, 
     tensors = (x, weight, gate, A, B) + ((bias,) if bias is not None else ())
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return MoseLinearTorchFunction.apply(x, weight, bias, gate, A, B, routing, return_update_norm)
-    y, _, norm = _forward(x, weight, bias, routing, A, B, return_update_norm)
+    y, _, _, norm = _forward(x, weight, bias, routing, A, B, return_update_norm)
     return (y, norm) if return_update_norm else y
