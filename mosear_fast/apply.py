@@ -24,7 +24,7 @@ from .hf_attention import (
     register_attention,
 )
 from .modality import DEFAULT_MODALITIES
-from .mose_linear import MoSELinear
+from .mose_layer import MoSELinear
 
 
 def apply_mosear(model, mose=None, ar: ARConfig | None = None, *, adapter_name: str = "default"):

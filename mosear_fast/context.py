@@ -326,7 +326,7 @@ def ensure_context(model, modalities) -> ModalityContext:
 def share_context(model, context) -> None:
     """Point every MoSE layer of the model at ``context``; new layers take the model's train/eval mode
     (they are created in training mode, which would update dynamic weights in an eval model)."""
-    from .mose_linear import MoSELinear
+    from .mose_layer import MoSELinear
 
     for module in model.modules():
         if isinstance(module, MoSELinear):

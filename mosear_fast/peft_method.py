@@ -19,7 +19,7 @@ from torch import nn
 
 from .context import ensure_context, language_model_modules, share_context
 from .mose_config import PEFT_TYPE, MoSEConfig
-from .mose_linear import MoSELinear
+from .mose_layer import MoSELinear
 
 PREFIX = "mose_"
 
