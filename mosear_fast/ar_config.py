@@ -46,10 +46,24 @@ def _check_share_readout(record_shares, balance_by, target, layer_targets=None):
 class ARConfig:
     """Where and how AR reallocates attention mass between modalities.
 
+    What AR does: at inference, in a frozen model, it moves the attention mass of the selected
+    queries between the balance modalities toward a target (DESIGN 2.2, 2.2b) and reports the masses
+    it saw (``attention_shares``). No parameters, no training; strength 0 is ordinary attention.
+
+    What it does not do: it does not know which modality is right in a sample; it moves every
+    sample's attention alike, so it can only help where a bias *is* an attention imbalance that is
+    wrong on average. In the synthetic demo (README, "What the demo shows") it is not: the many
+    visual tokens already hold most of the visual + audio mass, a uniform target moves mass toward
+    audio, and no option (by mass or contribution, uniform or calibrated targets) improved mean3 on
+    validation beyond noise; the mild calibrated setting validation picked was neutral on test,
+    trading audio-aligned for video-aligned accuracy. Hence ``strength`` defaults to 0: AR measures
+    and moves nothing until strength, ``balance_by`` and target (e.g. ``calibrate``) are chosen on
+    validation data of the model at hand.
+
     - ``modalities``: modality names (ids are their positions); None = those of the MoSEConfig
       given to ``apply_mosear``, else ``("text", "visual", "audio")``.
     - ``layers``: decoder layer indices with AR (None = all); other layers run plain sdpa.
-    - ``strength`` in [0, 1], ``threshold`` >= 0: DESIGN 2.2 step 3.
+    - ``strength`` in [0, 1] (default 0, see above), ``threshold`` >= 0: DESIGN 2.2 step 3.
     - ``balance``: the modalities whose masses are balanced (names or ids; default visual and audio).
     - ``balance_by``: "mass" (DESIGN 2.2: shares of attention mass) or "contribution" (DESIGN 2.2b:
       shares of ``P_m * ||vbar_m||``, what each modality adds to the output).
@@ -73,7 +87,7 @@ class ARConfig:
 
     modalities: Sequence[str] | None = None
     layers: Sequence[int] | None = None
-    strength: float = 0.5
+    strength: float = 0.0
     threshold: float = 0.0
     balance: Sequence = ("visual", "audio")
     target: Sequence | torch.Tensor | None = None

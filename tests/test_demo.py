@@ -152,7 +152,8 @@ def test_readme_demo_block_is_rendered_from_the_committed_results():
 
 def test_claims_follow_the_intervals():
     def entry(**diffs):
-        return {"vs_baseline": {m: {"mean": (lo + hi) / 2, "ci95": [lo, hi]} for m, (lo, hi) in diffs.items()},
+        return {"vs_baseline": {m: {"mean": (lo + hi) / 2, "ci95": [lo, hi], "per_seed": [lo, (lo + hi) / 2, hi]}
+                                for m, (lo, hi) in diffs.items()},
                 **dict.fromkeys(METRICS, 50.0), "ci95": {}, "per_seed": [{}, {}, {}]}
 
     zero = {m: (-1.0, 1.0) for m in METRICS}
@@ -160,12 +161,16 @@ def test_claims_follow_the_intervals():
     gain = entry(**{**zero, "gap": (-9.0, -3.0), "video_aligned": (3.0, 9.0), "mean3": (1.0, 3.0)})
     wider = entry(**{**zero, "gap": (4.0, 9.0)})
     results = {"variants": {"baseline": entry(**zero), "+ AR": trade, "+ MoSE": gain, "+ MoSE + AR": wider},
-               "references": {n: entry(**zero) for n in REFERENCES}, "choices": []}
+               "references": {n: entry(**zero) for n in REFERENCES},
+               "choices": [{"ar": {"option": "mass"}, "mose_ar": {"option": NO_AR}}] * 3}
     text = "\n".join(claims(results))
-    assert "AR (inference only) reduces the audio bias without an audio/visual trade-off*: only as a trade-off" in text
+    assert "AR (inference only) reduces the audio bias without an audio/visual trade-off*: only with a trade-off" \
+        in text
     assert "MoSE (fine-tuning, backbone frozen) reduces the audio bias without an audio/visual trade-off*: " \
            "reproduced" in text
     assert "MoSE with AR reduces the audio bias without an audio/visual trade-off*: no (the gap widens)" in text
+    assert text.count("Validation chose no AR in every seed") == 1  # only for MoSE + AR here
+    assert "VA + AA -5.5 ± " in text  # the trade: mean of the per-seed sums of VA and AA changes
 
 
 def test_replace_block_needs_one_block():

@@ -27,7 +27,7 @@ NO_AR = "none"
 
 
 def base_config(option: str):
-    """The ``ARConfig`` of ``option`` at strength 0.5, before calibration (see the module docstring)."""
+    """The ``ARConfig`` of ``option`` (default strength: the sweep sets its own), before calibration."""
     from mosear_fast import ARConfig
 
     if option not in AR_OPTIONS:
@@ -38,7 +38,7 @@ def base_config(option: str):
 
 
 def option_configs(options, calibration_model, calibration_batches) -> dict:
-    """{option: ARConfig at strength 0.5}, the calibrated ones measured on ``calibration_model``."""
+    """{option: ARConfig} (strength set by the sweep), the calibrated ones measured on ``calibration_model``."""
     configs = {}
     for option in options:
         config = base_config(option)

@@ -15,6 +15,7 @@ from pathlib import Path
 from mosear_fast.atomic import atomic_save_figure, atomic_write_text
 
 from .camer import AUDIO_ALIGNED, CONSISTENT, VIDEO_ALIGNED
+from .demo_stats import interval
 
 BEGIN, END = "<!-- demo:begin -->", "<!-- demo:end -->"
 COLUMNS = (("VA", VIDEO_ALIGNED), ("AA", AUDIO_ALIGNED), ("C", CONSISTENT), ("gap", "gap"), ("mean3", "mean3"))
@@ -41,7 +42,7 @@ def _diff_cell(entry: dict, metric: str = "mean3") -> str:
 
 def _label(name: str, results: dict) -> str:
     if name == "lora":
-        ranks = sorted({c["lora_rank"] for c in results.get("choices", [])})
+        ranks = sorted({c["lora_rank"] for c in results.get("choices", []) if "lora_rank" in c})
         return f"LoRA (r={'/'.join(map(str, ranks))})" if ranks else "LoRA"
     return REFERENCE_LABELS.get(name, name)
 
@@ -122,13 +123,32 @@ def _claim(entry: dict) -> str:
     if gap_down == "yes" and aa_down != "yes" and gain == "yes":
         return "reproduced"
     if gap_down == "yes" and aa_down == "yes":
-        return "only as a trade-off (the gap narrows because audio-aligned accuracy falls" + \
-            ("; mean3 still rises)" if gain == "yes" else ")")
+        return "only with a trade-off (the gap narrows, audio-aligned accuracy falls" + \
+            ("; mean3 still rises)" if gain == "yes" else "; no resolved mean3 gain)")
     if gap_down == "yes":
-        return "partly (the gap narrows, no audio-aligned loss is resolved, but no mean3 gain is either)"
+        return "partly (the gap narrows with no resolved audio-aligned loss, but no resolved mean3 gain either)"
     if gap_down == "no":
         return "no (the gap widens)"
     return "not resolved (the gap's interval holds 0)"
+
+
+def _line_shift(entry: dict) -> str:
+    """The paired change of VA + AA: about 0 moves along the VA + AA line, above 0 beyond it."""
+    d = entry["vs_baseline"]
+    per_seed = [va + aa for va, aa in zip(d[VIDEO_ALIGNED]["per_seed"], d[AUDIO_ALIGNED]["per_seed"], strict=True)]
+    return _diff({"vs_baseline": {"sum": interval(per_seed)}}, "sum")
+
+
+def _seeds_up(entry: dict) -> str:
+    per_seed = entry["vs_baseline"]["mean3"]["per_seed"]
+    return f"{sum(d > 0 for d in per_seed)} of {len(per_seed)}"
+
+
+def _no_ar_note(results: dict, key: str) -> str:
+    picks = [c[key]["option"] for c in results.get("choices", [])]
+    if picks and all(p == "none" for p in picks):
+        return " Validation chose no AR in every seed, so this row is the model without AR."
+    return ""
 
 
 def claims(results: dict) -> list[str]:
@@ -139,7 +159,8 @@ def claims(results: dict) -> list[str]:
         "one seed: no interval, read the signs with care"
     base = v["baseline"]
     out = [f"Differences are {how}; a claim counts as reproduced when its interval excludes 0 on the claimed "
-           "side."]
+           "side. \"VA + AA\" is the change of their sum: about 0 means a move along the VA + AA line (a "
+           "trade), above 0 a move beyond it."]
     out.append(f"*The backbone over-relies on audio in conflicts*: reproduced by construction (gap "
                f"{_cell(base, 'gap', signed=True)} points; the backbone is trained where audio is the more reliable "
                "cue).")
@@ -147,19 +168,29 @@ def claims(results: dict) -> list[str]:
     out.append("*Balance can win on every subset here*: the Bayes-optimal classifier reaches "
                f"VA {bayes[VIDEO_ALIGNED]:.1f}, AA {bayes[AUDIO_ALIGNED]:.1f}, C {bayes[CONSISTENT]:.1f} "
                f"(mean3 {bayes['mean3']:.1f}) against the baseline's {base[VIDEO_ALIGNED]:.1f} / "
-               f"{base[AUDIO_ALIGNED]:.1f} / {base[CONSISTENT]:.1f} "
-               f"(mean3 {base['mean3']:.1f}).")
-    for name, what in (("+ MoSE", "MoSE (fine-tuning, backbone frozen)"), ("+ AR", "AR (inference only)"),
-                       ("+ MoSE + AR", "MoSE with AR")):
+               f"{base[AUDIO_ALIGNED]:.1f} / {base[CONSISTENT]:.1f} (mean3 {base['mean3']:.1f}).")
+    for name, what, key in (("+ MoSE", "MoSE (fine-tuning, backbone frozen)", None),
+                            ("+ AR", "AR (inference only)", "ar"), ("+ MoSE + AR", "MoSE with AR", "mose_ar")):
         e = v[name]
         out.append(f"*{what} reduces the audio bias without an audio/visual trade-off*: {_claim(e)}. Gap "
-                   f"{_diff(e, 'gap')}, VA {_diff(e, VIDEO_ALIGNED)}, AA {_diff(e, AUDIO_ALIGNED)}, "
-                   f"C {_diff(e, CONSISTENT)}, mean3 {_diff(e, 'mean3')}; consistent samples improve: "
-                   f"{_verdict(e, CONSISTENT, 1)}.")
+                   f"{_diff(e, 'gap')}, VA {_diff(e, VIDEO_ALIGNED)}, AA {_diff(e, AUDIO_ALIGNED)}, VA + AA "
+                   f"{_line_shift(e)}, C {_diff(e, CONSISTENT)} (consistent samples improve: "
+                   f"{_verdict(e, CONSISTENT, 1)}), mean3 {_diff(e, 'mean3')}, higher than the baseline's in "
+                   f"{_seeds_up(e)} seeds." + (_no_ar_note(results, key) if key else ""))
     for name in ("full_finetune", "lora"):
-        out.append(f"Reference, {_label(name, results)} on the same fitting set: mean3 {_diff(refs[name], 'mean3')} "
-                   f"(gap {_diff(refs[name], 'gap')}).")
+        e = refs[name]
+        out.append(f"Reference, {_label(name, results)} on the same fitting set: gap {_diff(e, 'gap')}, VA + AA "
+                   f"{_line_shift(e)}, mean3 {_diff(e, 'mean3')}, higher in {_seeds_up(e)} seeds.")
+    seeds = [s for s in results.get("per_seed", []) if "runtime_s" in s]
+    if seeds:
+        out.append(f"One seed took {_mean([s['runtime_s'] for s in seeds]) / 60:.1f} min of wall time and "
+                   f"{_mean([s['cpu_s'] for s in seeds]) / 60:.1f} min of CPU time ({results.get('threads', '?')} "
+                   "torch thread) on the machine that ran it (mean over seeds).")
     return out
+
+
+def _mean(values):
+    return sum(values) / len(values)
 
 
 def render_markdown(results: dict, *, charts: tuple[str, str] = ("demo.png", "tradeoff.png")) -> str:
@@ -243,14 +274,17 @@ def write_tradeoff_chart(path: Path, results: dict) -> None:
             ax.plot(curve[VIDEO_ALIGNED], curve[AUDIO_ALIGNED], style, marker="o", ms=3, color=colors[k], label=label)
             ax2.plot(strengths, curve["mean3"], style, marker="o", ms=3, color=colors[k], label=label)
         start = next(iter(t["curves"][model].values()))
-        ax.plot(start[VIDEO_ALIGNED][0], start[AUDIO_ALIGNED][0], "ks" if model == "backbone" else "kD", ms=7,
+        ax.plot(start[VIDEO_ALIGNED][0], start[AUDIO_ALIGNED][0], "s" if model == "backbone" else "D", ms=8,
+                color="black" if model == "backbone" else "dimgrey", zorder=5,
                 label="backbone (strength 0)" if model == "backbone" else "MoSE (strength 0)")
-    markers = {"bayes_optimal": "*", "full_finetune": "^", "lora": "v"}
+    markers = {"bayes_optimal": ("*", "goldenrod"), "full_finetune": ("P", "purple"), "lora": ("X", "teal")}
     for name, ref in t["references"].items():
-        ax.plot(ref[VIDEO_ALIGNED], ref[AUDIO_ALIGNED], markers.get(name, "x"), color="black", ms=10,
+        marker, color = markers.get(name, ("x", "black"))
+        ax.plot(ref[VIDEO_ALIGNED], ref[AUDIO_ALIGNED], marker, color=color, ms=11, zorder=6,
                 label=_label(name, results))
-        ax2.axhline(ref["mean3"], color="grey", lw=0.8, ls=":")
-        ax2.annotate(_label(name, results), (strengths[-1], ref["mean3"]), fontsize=7, ha="right", va="bottom")
+        ax2.axhline(ref["mean3"], color=color, lw=0.8, ls=":")
+        ax2.annotate(_label(name, results), (strengths[-1], ref["mean3"]), fontsize=7, ha="right", va="bottom",
+                     color=color)
     base = next(iter(t["curves"]["backbone"].values()))
     total = base[VIDEO_ALIGNED][0] + base[AUDIO_ALIGNED][0]
     for offset in (-20, -10, 0, 10, 20, 30, 40):
@@ -261,7 +295,8 @@ def write_tradeoff_chart(path: Path, results: dict) -> None:
     ax.set_aspect("equal")
     ax.set_xlabel("video-aligned accuracy (%)")
     ax.set_ylabel("audio-aligned accuracy (%)")
-    ax.set_title("AR strength 0 -> 1 (dotted: VA + AA = const; the backbone's is darker)", fontsize=9)
+    ax.set_title(f"VA vs AA as AR strength goes 0 -> 1 ({t['split']} split; dotted: VA + AA = const,\n"
+                 "the darker one through the backbone; solid: backbone + AR, dashed: MoSE + AR)", fontsize=9)
     ax.legend(fontsize=6.5, loc="lower left")
     ax2.set_xlabel("AR strength")
     ax2.set_ylabel("mean3 (%)")
