@@ -113,12 +113,14 @@ def lora_rank_for(backbone, targets, n_params: int) -> int:
 
 def fit_lora(backbone, data, indices, validation: EvalSet, settings, seed: int, work: Path, progress: bool, *,
              rank: int) -> FitResult:
-    """Plain LoRA (peft) of ``rank`` on MoSE's target modules, scale alpha / r as MoSE's; backbone frozen."""
+    """Plain LoRA (peft) of ``rank`` on MoSE's target modules, backbone frozen; its scale lora_alpha / rank
+    is the demo model's MoSE scale (alpha / r at ``settings.mose_rank``)."""
     from peft import LoraConfig, inject_adapter_in_model
 
     model = copy.deepcopy(backbone)
     model.requires_grad_(False)
-    alpha = demo_mose_config(settings).alpha / demo_mose_config(settings).r * rank
+    reference = demo_mose_config(settings)
+    alpha = reference.alpha / reference.r * rank
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(settings.mose_targets)),
