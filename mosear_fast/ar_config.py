@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -20,13 +21,23 @@ def _plain_floats(target: torch.Tensor):
         else values
 
 
-def _check_share_readout(record_shares, balance_by, target):
+def _layer_index(key) -> int:
+    """A ``layer_targets`` key: a layer index, or its decimal string (JSON object keys are strings)."""
+    if isinstance(key, str) and key.isdigit():
+        return int(key)
+    if isinstance(key, bool) or not isinstance(key, numbers.Integral) or key < 0:
+        raise ValueError(f"ARConfig.layer_targets: expected non-negative layer indices as keys, got {key!r}")
+    return int(key)
+
+
+def _check_share_readout(record_shares, balance_by, target, layer_targets=None):
     """Interim: hf_attention's share read-out (``attention_shares(model, reallocated=True)``) recomputes
-    the reallocation from the masses with one target for all heads."""
+    the reallocation from the masses with one target for all heads and layers."""
     per_head = isinstance(target, Sequence) and len(target) > 0 and isinstance(target[0], (Sequence, torch.Tensor)) \
         and not isinstance(target[0], (str, bytes))
-    if record_shares and (balance_by != "mass" or per_head):
-        what = f"balance_by={balance_by!r}" if balance_by != "mass" else "a per-head target"
+    if record_shares and (balance_by != "mass" or per_head or layer_targets):
+        what = f"balance_by={balance_by!r}" if balance_by != "mass" else \
+            "a per-head target" if per_head else "per-layer targets"
         raise ValueError(f"ARConfig.record_shares: the attention-share read-out does not support {what} "
                          "yet; pass record_shares=False with it")
 
@@ -35,10 +46,24 @@ def _check_share_readout(record_shares, balance_by, target):
 class ARConfig:
     """Where and how AR reallocates attention mass between modalities.
 
+    What AR does: at inference, in a frozen model, it moves the attention mass of the selected
+    queries between the balance modalities toward a target (DESIGN 2.2, 2.2b) and reports the masses
+    it saw (``attention_shares``). No parameters, no training; strength 0 is ordinary attention.
+
+    What it does not do: it does not know which modality is right in a sample; it moves every
+    sample's attention alike, so it can only help where a bias *is* an attention imbalance that is
+    wrong on average. In the synthetic demo (README, "What the demo shows") it is not: the many
+    visual tokens already hold most of the visual + audio mass, a uniform target moves mass toward
+    audio, and no option (by mass or contribution, uniform or calibrated targets) improved mean3 on
+    validation beyond noise; the mild calibrated setting validation picked was neutral on test,
+    trading audio-aligned for video-aligned accuracy. Hence ``strength`` defaults to 0: AR measures
+    and moves nothing until strength, ``balance_by`` and target (e.g. ``calibrate``) are chosen on
+    validation data of the model at hand.
+
     - ``modalities``: modality names (ids are their positions); None = those of the MoSEConfig
       given to ``apply_mosear``, else ``("text", "visual", "audio")``.
     - ``layers``: decoder layer indices with AR (None = all); other layers run plain sdpa.
-    - ``strength`` in [0, 1], ``threshold`` >= 0: DESIGN 2.2 step 3.
+    - ``strength`` in [0, 1] (default 0, see above), ``threshold`` >= 0: DESIGN 2.2 step 3.
     - ``balance``: the modalities whose masses are balanced (names or ids; default visual and audio).
     - ``balance_by``: "mass" (DESIGN 2.2: shares of attention mass) or "contribution" (DESIGN 2.2b:
       shares of ``P_m * ||vbar_m||``, what each modality adds to the output).
@@ -47,6 +72,9 @@ class ARConfig:
       used on every AR layer (Hq is checked at the first forward). A tensor is stored as plain floats
       (so the config saves as JSON); ``apply_mosear`` checks the values and normalises each row in
       float64 to sum 1, as ``ar_attention`` does.
+    - ``layer_targets``: None, or ``{layer index: target}`` (each in any form ``target`` takes) for
+      the layers that have their own target, e.g. the per-layer, per-head targets ``calibrate``
+      measures; AR layers without an entry use ``target``.
     - ``modality_bias``: None, one float per modality, or ``{modality: float}`` (others 0): a logit bias.
     - ``query_modalities``: the queries that are reallocated (default text queries: the prompt's text
       and every generated token), so answers attend to audio and video in balance.
@@ -59,7 +87,7 @@ class ARConfig:
 
     modalities: Sequence[str] | None = None
     layers: Sequence[int] | None = None
-    strength: float = 0.5
+    strength: float = 0.0
     threshold: float = 0.0
     balance: Sequence = ("visual", "audio")
     target: Sequence | torch.Tensor | None = None
@@ -68,6 +96,7 @@ class ARConfig:
     backend: str = "auto"
     record_shares: bool = True
     balance_by: str = "mass"
+    layer_targets: Mapping | None = None
 
     def __post_init__(self):
         if self.modalities is not None:
@@ -84,10 +113,16 @@ class ARConfig:
         self.threshold = _real("ARConfig.threshold", self.threshold, low=0.0)
         if isinstance(self.target, torch.Tensor):
             self.target = _plain_floats(self.target)
+        if self.layer_targets is not None:
+            if not isinstance(self.layer_targets, Mapping):
+                raise TypeError("ARConfig.layer_targets: expected None or a mapping {layer index: target}, got "
+                                f"{type(self.layer_targets).__name__}")
+            self.layer_targets = {_layer_index(k): _plain_floats(v) if isinstance(v, torch.Tensor) else v
+                                  for k, v in self.layer_targets.items()}
         self.balance_by = check_balance_by("ARConfig.balance_by", self.balance_by)
         if not isinstance(self.record_shares, bool):
             raise TypeError(f"ARConfig.record_shares: expected a bool, got {type(self.record_shares).__name__}")
-        _check_share_readout(self.record_shares, self.balance_by, self.target)
+        _check_share_readout(self.record_shares, self.balance_by, self.target, self.layer_targets)
         if self.backend not in BACKENDS:
             raise ValueError(f"ARConfig.backend: expected one of {BACKENDS}, got {self.backend!r}")
 
@@ -103,7 +138,10 @@ class ARConfig:
                              f"{tuple(self.balance)!r}")
         target = check_target("ARConfig.target", self.target, len(balance))
         balance_by = check_balance_by("ARConfig.balance_by", self.balance_by)
-        _check_share_readout(self.record_shares, balance_by, target)
+        layer_targets = None if self.layer_targets is None else {
+            layer: check_target(f"ARConfig.layer_targets[{layer}]", t, len(balance))
+            for layer, t in sorted(self.layer_targets.items())}
+        _check_share_readout(self.record_shares, balance_by, target, layer_targets)
         bias = None
         if isinstance(self.modality_bias, Mapping):
             bias = [0.0] * len(names)
@@ -115,6 +153,23 @@ class ARConfig:
             bias = _float_sequence("ARConfig.modality_bias", self.modality_bias, len(names))
         query = modality_indices("ARConfig.query_modalities", self.query_modalities, names)
         return dict(num_modalities=len(names), balance=balance, target=target, strength=self.strength,
-                    threshold=self.threshold, balance_by=balance_by,
+                    threshold=self.threshold, balance_by=balance_by, layer_targets=layer_targets,
                     modality_bias=bias, query_modalities=query,
                     backend=self.backend, record_shares=self.record_shares)
+
+    def calibrate(self, model, batches) -> ARConfig:
+        """A copy of this config with per-layer, per-head targets measured on ``model``.
+
+        ``model`` is called as ``model(**batch)`` for every batch of ``batches`` (take consistent
+        samples, where neither modality misleads); it is, or contains, the transformers model AR
+        applies to. With AR measuring only (strength 0), each AR layer's mean attention share of
+        every balance modality, per query head over the selected queries, becomes that layer's
+        target (``layer_targets``, shape (Hq, |S|)). AR at the returned config then pulls a
+        conflict's shares back toward what the model does when the modalities agree. The model is
+        left as it was (its AR settings, or plain attention). ``record_shares`` is False in the
+        copy: the share read-out does not handle per-layer targets yet.
+        """
+        from .ar_calibrate import calibrated_layer_targets
+
+        targets = calibrated_layer_targets(self, model, batches)
+        return dataclasses.replace(self, target=None, layer_targets=targets, record_shares=False)

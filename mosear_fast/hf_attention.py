@@ -134,7 +134,8 @@ def mosear_attention_forward(module, query, key, value, attention_mask, **kwargs
     record = settings["record_shares"] and not is_exporting()  # a monitoring read-out, not part of a graph
     result = ar_attention(
         query, key, value, key_ids, num_modalities=settings["num_modalities"], balance=settings["balance"],
-        target=settings["target"], strength=settings["strength"], threshold=settings["threshold"],
+        target=(settings.get("layer_targets") or {}).get(layer, settings["target"]),  # ARConfig.layer_targets
+        strength=settings["strength"], threshold=settings["threshold"],
         modality_bias=settings["modality_bias"], causal=causal, scale=scaling, query_mask=selected,
         balance_by=settings["balance_by"], return_masses=record, backend=settings["backend"],
         validate=False, **extra)  # the key ids were checked once at model entry: no host sync per layer

@@ -1,5 +1,6 @@
 """Synthetic CA-MER generator and the manifest + safetensors data format."""
 
+import hashlib
 import json
 import os
 
@@ -18,6 +19,7 @@ from mosear_fast.training import (
     to_sequence,
 )
 from mosear_fast.training.labels import EMOTIONS
+from mosear_fast.training.synthetic import bayes_optimal_predictions, class_log_posterior
 
 TENSOR_FIELDS = ("label", "audio_label", "video_label", "visual", "audio", "text")
 
@@ -90,6 +92,75 @@ def test_token_imbalance_audio_few_and_strong_visual_many_and_weak():
     assert audio > pooled_visual > one_visual
 
 
+def _fingerprint(d) -> str:
+    h = hashlib.sha256()
+    for name in TENSOR_FIELDS:
+        h.update(getattr(d, name).numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_distractor_scale_one_reproduces_the_original_data_exactly():
+    # sha256 of the tensors drawn by the generator before distractor_scale existed (same config)
+    d = generate_camer(n_samples=40, n_text_tokens=2, seed=7, distractor_scale=1.0,
+                       proportions={"video_aligned": 1, "audio_aligned": 1, "consistent": 1, "all_different": 1})
+    assert _fingerprint(d) == "67d66aafcfdc10fbf5aa2025cf4f4197e53f1964323f51e702663ed18d192881"
+
+
+def test_distractor_scale_weakens_only_the_misleading_modality():
+    kw = dict(n_samples=200, seed=3, proportions={"video_aligned": 1, "audio_aligned": 1, "consistent": 1,
+                                                 "all_different": 1})
+    full, half = generate_camer(**kw), generate_camer(**kw, distractor_scale=0.5)
+    assert torch.equal(full.label, half.label) and torch.equal(full.video_label, half.video_label)
+    for modality, labels, signal in (("visual", full.video_label, 0.4), ("audio", full.audio_label, 3.0)):
+        misleading = labels != full.label
+        assert 0 < misleading.sum() < len(full)
+        shift = getattr(half, modality) - getattr(full, modality)  # same noise draws: only the signal moved
+        expected = -0.5 * signal * full.prototypes[modality][labels][:, None, :]
+        torch.testing.assert_close(shift[misleading], expected[misleading].expand_as(shift[misleading]))
+        assert torch.equal(shift[~misleading], torch.zeros_like(shift[~misleading]))
+
+
+@pytest.mark.parametrize("distractor_scale", [1.0, 0.5, 0.0])
+def test_bayes_posterior_is_calibrated(distractor_scale):
+    # Under the true posterior, E[max p] = accuracy and E[p(truth)] = E[sum_c p_c^2]: a wrong
+    # likelihood (amplitude, prior, a missing hypothesis) breaks both.
+    d = generate_camer(n_samples=6000, seed=4, distractor_scale=distractor_scale,
+                       proportions={"video_aligned": 1, "audio_aligned": 2, "consistent": 1, "all_different": 1})
+    p = class_log_posterior(d).exp()
+    torch.testing.assert_close(p.sum(-1), torch.ones(len(d), dtype=torch.float64))
+    confidence, predicted = p.max(-1)
+    accuracy = (predicted == d.label).double().mean()
+    assert abs(confidence.mean() - accuracy) < 0.02
+    assert abs(p[torch.arange(len(d)), d.label].mean() - (p * p).sum(-1).mean()) < 0.015
+
+
+def test_bayes_optimal_beats_a_fitted_classifier_and_gains_when_distractors_weaken():
+    balanced = {"video_aligned": 1, "audio_aligned": 1, "consistent": 1}
+    hits = {}
+    for scale in (1.0, 0.5):
+        d = generate_camer(n_samples=6000, seed=5, distractor_scale=scale, proportions=balanced)
+        hits[scale] = (bayes_optimal_predictions(d, balanced) == d.label).double()
+        if scale == 0.5:  # nearest class mean on the pooled features: a good model, below the optimum
+            features = torch.cat([d.visual.mean(1) * 32 ** 0.5, d.audio.mean(1)], 1)
+            fitted = _centroid_accuracy(features, d.label, 3000)
+            assert hits[scale][3000:].mean() > fitted + 0.03
+    subsets = d.subsets
+    for scale, hit in hits.items():
+        by = {s: hit[[i for i, x in enumerate(subsets) if x == s]].mean().item() for s in balanced}
+        hits[scale] = by
+    assert hits[1.0]["video_aligned"] + hits[1.0]["audio_aligned"] < 1.0  # on the VA + AA line at most
+    assert hits[0.5]["video_aligned"] + hits[0.5]["audio_aligned"] > 1.3  # balance can win on both
+    assert min(hits[0.5].values()) > 0.5
+
+
+def test_bayes_posterior_errors_name_the_argument():
+    d = generate_camer(n_samples=5)
+    with pytest.raises(ValueError, match="proportions"):
+        class_log_posterior(d, {"video_aligned": -1})
+    with pytest.raises(ValueError, match="noise"):
+        class_log_posterior(generate_camer(n_samples=5, noise=0.0))
+
+
 def test_config_errors_name_the_argument():
     with pytest.raises(ValueError, match="n_visual_tokens"):
         SyntheticCamerConfig(n_visual_tokens=0)
@@ -99,6 +170,8 @@ def test_config_errors_name_the_argument():
         SyntheticCamerConfig(proportions={"consistent": 0})
     with pytest.raises(ValueError, match="audio_signal"):
         SyntheticCamerConfig(audio_signal=float("nan"))
+    with pytest.raises(ValueError, match="distractor_scale"):
+        SyntheticCamerConfig(distractor_scale=-0.5)
     with pytest.raises(TypeError, match="config"):
         generate_camer({"n_samples": 3})
 

@@ -31,8 +31,8 @@ def fit(out, *, mose=None, resume=None, callbacks=None, **overrides):
     settings = dict(max_steps=8, per_device_train_batch_size=8, learning_rate=1e-2, logging_steps=1, seed=0)
     settings.update(overrides)
     args = default_training_arguments(out, **settings)
-    trainer = fit_mose(model, data(), args, mose=mose, ar=ARConfig(), backbone=backbone_reference(0, SIZES, None),
-                       resume_from_checkpoint=resume, callbacks=callbacks)
+    trainer = fit_mose(model, data(), args, mose=mose, ar=ARConfig(strength=0.5),  # AR that moves mass
+                       backbone=backbone_reference(0, SIZES, None), resume_from_checkpoint=resume, callbacks=callbacks)
     return model, trainer
 
 

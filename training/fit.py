@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 import torch
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .av_batches import AVCollator
 from .trained_folder import BACKBONE_FILE, folder_files, write_json
@@ -37,15 +37,17 @@ def fit_mose(model, train_dataset, args, *, mose, ar=None, backbone: dict, eval_
     then write the output folder ``args.output_dir``. ``backbone``: the reference written as
     ``backbone.json`` (weights path relative to the output folder; checkpoints get it relative to
     theirs). Returns the trainer (its ``state.log_history`` has the logs). ``quiet_logs``: keep the
-    progress bar but do not print each logged dict under it."""
+    progress bar (if any) but print no logged dict."""
     checkpoint_backbone = dict(backbone)
     if backbone.get("weights"):
         checkpoint_backbone["weights"] = f"../{backbone['weights']}"
     trainer = MoSETrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                           data_collator=AVCollator(), modalities=mose.modalities, llm=model.llm,
                           folder_files=folder_files(mose, ar, checkpoint_backbone), callbacks=callbacks)
-    if quiet_logs and trainer.pop_callback(ProgressCallback) is not None:
-        trainer.add_callback(BarOnlyProgress())
+    if quiet_logs:  # no dict of logs printed: under the bar, or (without a bar) by the PrinterCallback
+        trainer.pop_callback(PrinterCallback)
+        if trainer.pop_callback(ProgressCallback) is not None:
+            trainer.add_callback(BarOnlyProgress())
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     trainer.save_model(args.output_dir)
     if trainer.args.should_save:
