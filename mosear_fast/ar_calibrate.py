@@ -101,29 +101,31 @@ def _register() -> None:
 def calibrated_layer_targets(config, model, batches) -> dict[int, tuple]:
     """{layer: per-head target (Hq rows of |S| floats)} of ``config``'s AR layers (see ``ARConfig.calibrate``)."""
     from .apply import _attention_modules, _check_ar_model
+    from .context import find_decoder
 
     hf = _ar_model(model)
+    decoder = find_decoder(hf)  # the language model, whose attention AR replaces
     existing = getattr(hf, "_mosear_context", None)
     modalities = existing.modalities if existing is not None else (config.modalities or DEFAULT_MODALITIES)
     settings = config.resolve(modalities)
-    layers = _check_ar_model(hf, config)
+    layers, _ = _check_ar_model(hf, decoder, config)
     context = ensure_context(hf, modalities)
     recorder = _ShareRecorder(settings, layers)
-    attention = _attention_modules(hf)
-    previous = hf.config._attn_implementation
+    attention = _attention_modules(decoder)
+    previous = decoder.config._attn_implementation
     was_training = model.training
     _register()
     for module in attention:
         module._mosear_context, module._mosear_calibration = context, recorder
     try:
-        hf.set_attn_implementation(IMPLEMENTATION)
+        decoder.set_attn_implementation(IMPLEMENTATION)
         model.eval()
         n_batches = 0
         for batch in batches:
             model(**batch)
             n_batches += 1
     finally:
-        hf.set_attn_implementation(previous)
+        decoder.set_attn_implementation(previous)
         model.train(was_training)
         for module in attention:
             del module._mosear_calibration
