@@ -1,4 +1,5 @@
-"""Triton backend of ar_attention: block boundaries, split-k, slots, edge cases.
+"""Triton backend of ar_attention: block boundaries, class passes, the causal diagonal, GQA packing,
+split-k, 64-bit offsets, edge cases.
 
 On the CPU these run through the Triton interpreter (small shapes, small blocks so that tails and
 modality boundaries fall inside key blocks); with CUDA the same tests run compiled. Every check is
@@ -71,6 +72,102 @@ def test_blocks_of_one_modality(device):
         inputs["key_modality"] = ids
         _check(inputs, torch.float32, strength=0.7, **SMALL)
         _check(inputs, torch.float32, strength=0.7, causal=False, **SMALL)
+
+
+def _plan(inputs, n_classes=3, **kw):
+    q, k = inputs["q"], inputs["k"]
+    return launch_plan(q.shape[2], k.shape[2], q.shape[3], batch=q.shape[0], n_q_heads=q.shape[1],
+                       n_kv_heads=k.shape[1], n_classes=n_classes, dtype=q.dtype, device=q.device, **kw)
+
+
+@pytest.mark.parametrize("spec", [
+    [(0, 20), (1, 14), (2, 6), (0, 8)],  # early query blocks see text (the rest class) only
+    [(2, 10), (0, 17), (1, 21)],  # passes in class order (video, audio, rest): video comes last here
+    [(1, 40)],  # one class
+    [(2, 9), (1, 30)],  # balance classes only
+], ids=["text-av-text", "video-last", "one-class", "balance-only"])
+def test_class_passes_and_parked_states(spec, device):
+    """Prefill runs one pass per key class and parks all but the last: query blocks that see one
+    class only (no parking), a class missing in the middle of the order, all keys of one class."""
+    ids = _segments(spec, device)
+    inputs = make_ar_inputs(1, 2, 1, ids.shape[1], ids.shape[1], 16, device=device, seed=20)
+    inputs["key_modality"] = ids
+    plan = _plan(inputs, **SMALL)
+    assert plan["mode"] == "prefill" and plan["n_tiles"] > plan["grid"][0]  # programs run several tiles
+    _check(inputs, torch.float32, strength=0.8, **SMALL)
+
+
+@pytest.mark.parametrize("blocks", [dict(block_m=32, block_n=16), dict(block_m=16, block_n=32)])
+@pytest.mark.parametrize("lengths", [(37, 37), (21, 50), (30, 12)])
+def test_causal_diagonal_blocks(blocks, lengths, device):
+    """Causal masking only on the diagonal: a query block over several key blocks and a key block
+    over several query blocks, with the diagonal offset (Lq < Lk) or with queries that see no key."""
+    len_q, len_k = lengths
+    inputs = make_ar_inputs(1, 2, 2, len_q, len_k, 16, device=device, layout="av", seed=21)
+    _check(inputs, torch.float32, strength=0.6, **blocks)  # every key block mixed
+    # runs of 32 keys per modality: pure key blocks on and off the diagonal (masked by position only)
+    inputs["key_modality"] = (torch.arange(len_k, device=device) // 32 % 3)[None]
+    _check(inputs, torch.float32, strength=0.6, **blocks)
+
+
+@pytest.mark.parametrize("len_q", [1, 2, 3])
+def test_decode_packs_the_query_heads_of_a_kv_group(len_q, device):
+    """Seven query heads per KV head: rows = classes x heads x queries of one block (21 to 63 rows),
+    K/V read once per KV head; with padding, a query mask, and key splits."""
+    inputs = make_ar_inputs(2, 14, 2, len_q, 45, 16, dtype=torch.float16, device=device, layout="av",
+                            left_pad=5, seed=22)
+    plan = _plan(inputs, block_n=16)
+    assert plan["mode"] == "decode" and plan["block_m"] == (32 if len_q == 1 else 64)
+    assert plan["grid"] == (2 * 2, 1)  # one program per (batch, KV head)
+    query_mask = torch.tensor([[True, False, True][:len_q], [False, True, True][:len_q]], device=device)
+    for num_splits in (None, 3):
+        _check(inputs, torch.float16, strength=0.7, query_mask=query_mask, block_n=16, num_splits=num_splits)
+    _check(inputs, torch.float16, strength=0.7, causal=False, block_n=16, num_splits=2)
+
+
+def test_split_edge_cases(device):
+    """More splits asked than key blocks (capped), splits where a class has no key, and a decode
+    without a split (one partial state per class, still merged exactly)."""
+    ids = _segments([(0, 3), (1, 30), (2, 4), (0, 3)], device)  # audio in one split only
+    inputs = make_ar_inputs(1, 4, 2, 1, 40, 16, device=device, seed=23)
+    inputs["key_modality"] = ids
+    plan = _plan(inputs, block_n=16, num_splits=10)
+    assert plan["num_splits"] == 3  # 40 keys: 3 blocks of 16
+    for num_splits in (1, 2, 10):
+        _check(inputs, torch.float32, strength=0.9, block_n=16, num_splits=num_splits)
+    prefill = make_ar_inputs(1, 2, 1, 24, 40, 16, device=device, seed=24)
+    prefill["key_modality"] = ids
+    for num_splits in (2, 10):  # the first query block sees no key of the later splits
+        _check(prefill, torch.float32, strength=0.9, num_splits=num_splits, **SMALL)
+
+
+@pytest.mark.parametrize("scale", [-0.3, 0.0])
+def test_negative_and_zero_scale(scale, device):
+    inputs = make_ar_inputs(1, 2, 1, 20, 20, 16, device=device, layout="random", seed=25)
+    _check(inputs, torch.float32, strength=0.5, scale=scale, **SMALL)
+    _check(make_ar_inputs(1, 2, 1, 1, 20, 16, device=device, layout="random", seed=25), torch.float32,
+           strength=0.5, scale=scale, block_n=16)
+
+
+def test_offsets_beyond_int32(device):
+    """K and V as views with a key stride of 2^28 elements: key 8 sits 2^31 elements past the base,
+    so 32-bit offset arithmetic would wrap (and read elsewhere). The view needs 4.3 GB of address
+    space but touches only the pages of its keys."""
+    head_dim, length, stride = 16, 9, 1 << 28
+    try:
+        base = torch.empty(stride * (length - 1) + 2 * head_dim, dtype=torch.float16, device=device)
+    except (RuntimeError, MemoryError) as err:
+        pytest.skip(f"cannot reserve 4.3 GB of address space for the strided view: {err}")
+    kv = base.as_strided((1, 1, length, 2 * head_dim), (0, 0, stride, 1))
+    g = torch.Generator().manual_seed(26)
+    kv.copy_(torch.randn(1, 1, length, 2 * head_dim, generator=g).half())
+    k, v = kv[..., :head_dim], kv[..., head_dim:]
+    assert (length - 1) * k.stride(2) >= 2 ** 31
+    q = torch.randn(1, 2, length, head_dim, generator=g).half().to(device)
+    ids = torch.tensor([[0, 1, 1, 2, 0, 1, 2, 2, 0]], device=device)
+    inputs = dict(q=q, k=k, v=v, key_modality=ids)
+    _check(inputs, torch.float16, strength=0.5, **SMALL)  # prefill
+    _check(dict(inputs, q=q[:, :, -2:]), torch.float16, strength=0.5)  # decode
 
 
 @pytest.mark.parametrize("causal", [True, False])
