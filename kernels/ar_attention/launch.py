@@ -35,11 +35,14 @@ _MAX_SPLITS = 128
 _MIN_BLOCKS_PER_SPLIT = 2  # decode: at least this many key blocks per split
 _PREFILL_MIN_BLOCKS_PER_SPLIT = 4
 _CLASSIFY_CHUNK = 64  # key blocks per step of the classification pre-pass
-# Persistent prefill grid: programs per SM on a GPU (the 128-row, 8-warp program fits once per SM;
-# two keep an SM busy across a program's tile switch), and in the interpreter a few programs, so that
-# every program runs several tiles there too.
-_PREFILL_PROGRAMS_PER_SM = 2
+# Persistent prefill grid: as many programs as fit on the SMs at once (the 128-row, 8-warp program:
+# ~245 registers per thread and 131 KB of shared memory, one per SM; the 4-warp ones, two), and in the
+# interpreter a few programs, so that every program runs several tiles there too.
 _INTERPRETER_PROGRAMS = 3
+# Pipeline depths (checked in the TTGIR): the prefill loop first loads its block index, which takes a
+# stage, so 5 stages keep three K/V blocks in flight; decode (direct addressing) gets three with 4.
+_PREFILL_STAGES = 5
+_DECODE_STAGES = 4
 
 
 def _interpreted(device: torch.device) -> bool:
@@ -141,8 +144,8 @@ def launch_plan(len_q: int, len_k: int, head_dim: int, *, batch: int, n_q_heads:
         keys_per_split = _cdiv(_cdiv(max(len_k, 1), min(splits, n_blocks)), block_n) * block_n
         splits = _cdiv(max(len_k, 1), keys_per_split)
         return dict(mode="decode", block_m=max(16, _next_pow2(rows)), block_n=block_n, block_d=block_d,
-                    num_warps=8 if ieee else 4, num_stages=3, num_splits=splits, keys_per_split=keys_per_split,
-                    grid=(programs, splits))
+                    num_warps=8 if ieee else 4, num_stages=_DECODE_STAGES, num_splits=splits,
+                    keys_per_split=keys_per_split, grid=(programs, splits))
 
     if block_n is None:
         block_n = 32 if ieee or block_d > 128 else 64
@@ -162,11 +165,11 @@ def launch_plan(len_q: int, len_k: int, head_dim: int, *, batch: int, n_q_heads:
     blocks_per_split = _cdiv(n_blocks, min(splits, n_blocks))
     splits = _cdiv(n_blocks, blocks_per_split)
     tiles *= splits
-    programs = _INTERPRETER_PROGRAMS if n_sm is None else _PREFILL_PROGRAMS_PER_SM * n_sm
-    num_warps = 8 if block_m * block_d >= 128 * 128 else 4
+    num_warps = 8 if block_m >= 128 else 4  # one warpgroup per 64 rows (wgmma's M)
+    programs = _INTERPRETER_PROGRAMS if n_sm is None else (1 if num_warps == 8 else 2) * n_sm
     return dict(mode="prefill", block_m=block_m, block_n=block_n, block_d=block_d, num_warps=num_warps,
-                num_stages=3, num_splits=splits, blocks_per_split=blocks_per_split, n_kblocks=n_blocks,
-                n_qblocks=n_qblocks, n_tiles=tiles, grid=(min(tiles, programs),))
+                num_stages=_PREFILL_STAGES, num_splits=splits, blocks_per_split=blocks_per_split,
+                n_kblocks=n_blocks, n_qblocks=n_qblocks, n_tiles=tiles, grid=(min(tiles, programs),))
 
 
 def ar_attention_fwd(q, k, v, key_modality, *, num_modalities, balance, target, strength, threshold,
