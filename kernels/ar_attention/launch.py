@@ -217,10 +217,10 @@ def ar_attention_fwd(q, k, v, key_modality, *, num_modalities, balance, target, 
     qmask_strides = query_mask.stride() if query_mask is not None else (0, 0)
     bh = batch * n_q_heads
     use_merge = plan["mode"] == "decode" or splits > 1
-    if use_merge:
-        part_m = empty_output((bh, splits, nsp, len_q), dtype=torch.float32, device=device)
-        part_l = empty_output((bh, splits, nsp, len_q), dtype=torch.float32, device=device)
-        part_acc = empty_output((bh, splits, nsp, len_q, block_d), dtype=torch.float32, device=device)
+    if use_merge:  # partial states (B*Hq, splits, NSP, Lq[, BD]): max, sum, accumulator, in one allocation
+        n_rows = bh * splits * nsp * len_q
+        part = empty_output((n_rows * (block_d + 2),), dtype=torch.float32, device=device)
+        part_m, part_l, part_acc = part[:n_rows], part[n_rows:2 * n_rows], part[2 * n_rows:]
     else:
         part_m = part_l = part_acc = o  # unused
 
