@@ -28,9 +28,13 @@ from .triton_kernels import (
 
 fix_interpreter_index()
 
-# Decode kernel when (classes x query heads per KV head x queries) fit in one block of this many rows.
+# Decode kernel for a few queries (decode, speculative verification) when (classes x query heads per
+# KV head x queries) fit in one block of this many rows; longer query runs go to the prefill kernel.
+_DECODE_MAX_QUERIES = 8
 _DECODE_ROWS = 64
-_MERGE_BLOCK_M = 16
+# Merge tiles [queries, splits, head dim]: up to 32 splits at once, 4096 fp32 per accumulator tile.
+_MERGE_SPLIT_BLOCK = 32
+_MERGE_TILE = 4096
 _MAX_SPLITS = 128
 _MIN_BLOCKS_PER_SPLIT = 2  # decode: at least this many key blocks per split
 _PREFILL_MIN_BLOCKS_PER_SPLIT = 4
@@ -131,7 +135,7 @@ def launch_plan(len_q: int, len_k: int, head_dim: int, *, batch: int, n_q_heads:
     rows = n_classes * group * len_q
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits: expected an int >= 1, got {num_splits}")
-    if block_m is None and rows <= _DECODE_ROWS:
+    if block_m is None and len_q <= _DECODE_MAX_QUERIES and rows <= _DECODE_ROWS:
         block_n = _check_block("block_n", block_n if block_n is not None else (16 if ieee else 64))
         n_blocks = max(1, _cdiv(len_k, block_n))
         programs = batch * n_kv_heads
@@ -257,11 +261,13 @@ def ar_attention_fwd(q, k, v, key_modality, *, num_modalities, balance, target, 
             num_warps=plan["num_warps"], num_stages=plan["num_stages"], **numerics, **classes,
         )
     if use_merge:
-        ar_split_merge_kernel[(_cdiv(len_q, _MERGE_BLOCK_M), bh)](
+        split_block = min(_next_pow2(splits), _MERGE_SPLIT_BLOCK)
+        block_q = max(1, min(_next_pow2(len_q), _MERGE_TILE // (split_block * block_d)))
+        ar_split_merge_kernel[(_cdiv(len_q, block_q), bh)](
             part_m, part_l, part_acc, qmask, tables["class_bias_t"], tables["tau_t"], tables["class_mod_t"],
             o, masses_arg, *qmask_strides, *o.stride(), *mass_strides,
             len_q, n_q_heads, splits, c_log2, float(strength), float(threshold),
             NUM_BAL=len(balance), MP=mp, HAS_QMASK=query_mask is not None, RETURN_MASSES=return_masses,
-            BLOCK_M=_MERGE_BLOCK_M, BLOCK_D=block_d, num_warps=4, **classes,
+            BLOCK_Q=block_q, SPLIT_BLOCK=split_block, BLOCK_D=block_d, num_warps=4, **classes,
         )
     return o, masses

@@ -81,12 +81,6 @@ def _col(x, c, N: tl.constexpr):
 
 
 @triton.jit
-def _max_col(x, c, N: tl.constexpr):
-    """x[:, c] for x [BM, N] that may hold -inf."""
-    return tl.max(tl.where(tl.arange(0, N)[None, :] == c, x, float("-inf")), 1)
-
-
-@triton.jit
 def _reallocate(m_all, l_all, selected, class_bias_ptr, tau_ptr, c_log2, strength, threshold,
                 NUM_BAL: tl.constexpr, NSP: tl.constexpr):
     """DESIGN 2.2 steps 2-4 from the final class states.
@@ -442,34 +436,41 @@ def ar_split_merge_kernel(
     len_q, n_q_heads, num_splits, c_log2, strength, threshold,
     HEAD_DIM: tl.constexpr, NUM_MOD: tl.constexpr, NUM_CLS: tl.constexpr, NUM_BAL: tl.constexpr,
     NSP: tl.constexpr, MP: tl.constexpr, HAS_QMASK: tl.constexpr, RETURN_MASSES: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_Q: tl.constexpr, SPLIT_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Grid (cdiv(Lq, BLOCK_M), B * Hq). Merges the partial states of every class over the splits
-    exactly (max, rescaled sums and accumulators), then reallocates and writes o and the masses."""
-    pid_m = tl.program_id(0)
+    """Grid (cdiv(Lq, BLOCK_Q), B * Hq). Merges the partial states of every class over the splits
+    exactly (max, rescaled sums and accumulators), then reallocates and writes o and the masses.
+    Queries and splits are both tile dimensions ([BLOCK_Q, SPLIT_BLOCK, ...]), so the partial states
+    of all splits are loaded together (decode: one round trip, not one per split)."""
+    pid_q = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // n_q_heads).to(tl.int64)
     h = (bh % n_q_heads).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    rows = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)  # [BQ]
     row_ok = rows < len_q
     d = tl.arange(0, BLOCK_D)
+    cls = tl.arange(0, NSP)
+    splits = tl.arange(0, SPLIT_BLOCK)
+    base = bh.to(tl.int64) * num_splits
+    cls3 = cls[None, None, :]
+    rows3 = rows[:, None, None]
 
-    # Pass 1: merged max and sum per class (scalars per row).
-    m_all = tl.full([BLOCK_M, NSP], float("-inf"), tl.float32)  # [BM, NSP]
-    l_all = tl.zeros([BLOCK_M, NSP], tl.float32)
-    for c in range(NUM_CLS):
-        m_c = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        for sp in range(num_splits):
-            off = _part_offsets(bh, sp, num_splits, c, rows, len_q, NSP)
-            m_c = tl.maximum(m_c, tl.load(part_m_ptr + off, mask=row_ok, other=float("-inf")))
-        m_ref = tl.where(m_c == float("-inf"), 0.0, m_c)
-        l_c = tl.zeros([BLOCK_M], tl.float32)
-        for sp in range(num_splits):
-            off = _part_offsets(bh, sp, num_splits, c, rows, len_q, NSP)
-            m_s = tl.load(part_m_ptr + off, mask=row_ok, other=float("-inf"))
-            l_c += tl.load(part_l_ptr + off, mask=row_ok, other=0.0) * tl.exp2((m_s - m_ref) * c_log2)
-        m_all = _put_col(m_all, m_c, c, NSP)
-        l_all = _put_col(l_all, l_c, c, NSP)
+    # Pass 1: merged max and sum of every class [BQ, NSP]; partial state (bh, split, c, row).
+    m_all = tl.full([BLOCK_Q, NSP], float("-inf"), tl.float32)
+    for s0 in range(0, num_splits, SPLIT_BLOCK):
+        sp3 = (s0 + splits)[None, :, None]
+        ok = row_ok[:, None, None] & (sp3 < num_splits) & (cls3 < NUM_CLS)  # [BQ, SB, NSP]
+        off = ((base + sp3) * NSP + cls3) * len_q + rows3
+        m_all = tl.maximum(m_all, tl.max(tl.load(part_m_ptr + off, mask=ok, other=float("-inf")), 1))
+    m_ref = tl.where(m_all == float("-inf"), 0.0, m_all)[:, None, :]  # [BQ, 1, NSP]
+    l_all = tl.zeros([BLOCK_Q, NSP], tl.float32)
+    for s0 in range(0, num_splits, SPLIT_BLOCK):
+        sp3 = (s0 + splits)[None, :, None]
+        ok = row_ok[:, None, None] & (sp3 < num_splits) & (cls3 < NUM_CLS)
+        off = ((base + sp3) * NSP + cls3) * len_q + rows3
+        m_s = tl.load(part_m_ptr + off, mask=ok, other=float("-inf"))
+        l_s = tl.load(part_l_ptr + off, mask=ok, other=0.0)
+        l_all += tl.sum(l_s * tl.exp2((m_s - m_ref) * c_log2), 1)
 
     selected = row_ok
     if HAS_QMASK:
@@ -477,19 +478,20 @@ def ar_split_merge_kernel(
     mass, w = _reallocate(m_all, l_all, selected, class_bias_ptr, tau_ptr, c_log2, strength, threshold,
                           NUM_BAL, NSP)
 
-    # Pass 2: o = sum over classes and splits of w_c * exp2(m_cs - m_c) * acc_cs.
-    o = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # [BM, BD]
-    for c in range(NUM_CLS):
-        m_c = _max_col(m_all, c, NSP)
-        m_ref = tl.where(m_c == float("-inf"), 0.0, m_c)
-        w_c = _col(w, c, NSP)
-        for sp in range(num_splits):
-            off = _part_offsets(bh, sp, num_splits, c, rows, len_q, NSP)
-            m_s = tl.load(part_m_ptr + off, mask=row_ok, other=float("-inf"))
-            seen = row_ok & (m_s > float("-inf"))  # a split without keys of class c wrote no accumulator
-            factor = w_c * tl.exp2((m_s - m_ref) * c_log2)  # [BM]
-            acc = tl.load(part_acc_ptr + off[:, None] * BLOCK_D + d[None, :], mask=seen[:, None], other=0.0)
-            o += tl.where(seen, factor, 0.0)[:, None] * acc
+    # Pass 2: o = sum over splits and classes of w_c * exp2(m_cs - m_c) * acc_cs.
+    o = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+    for s0 in range(0, num_splits, SPLIT_BLOCK):
+        sp3 = (s0 + splits)[None, :, None]
+        ok = row_ok[:, None, None] & (sp3 < num_splits) & (cls3 < NUM_CLS)
+        off = ((base + sp3) * NSP + cls3) * len_q + rows3
+        m_s = tl.load(part_m_ptr + off, mask=ok, other=float("-inf"))
+        # 0 where a split saw no key of the class: it wrote no accumulator there, which is not read
+        factor = tl.where(m_s > float("-inf"), w[:, None, :] * tl.exp2((m_s - m_ref) * c_log2), 0.0)
+        for c in range(NUM_CLS):
+            f_c = tl.sum(tl.where(cls3 == c, factor, 0.0), 2)[:, :, None]  # [BQ, SB, 1]
+            acc_off = (((base + sp3) * NSP + c) * len_q + rows3) * BLOCK_D + d[None, None, :]  # [BQ, SB, BD]
+            acc = tl.load(part_acc_ptr + acc_off, mask=f_c != 0, other=0.0)
+            o += tl.sum(f_c * acc, 1)
     _store_output(o_ptr, masses_ptr, class_mod_ptr, o, mass, b * stride_ob + h * stride_oh,
                   b * stride_mb + h * stride_mh, rows, row_ok, d, stride_ol, stride_od, stride_ml, stride_mm,
                   HEAD_DIM, NUM_MOD, NSP, MP, RETURN_MASSES)
