@@ -4,10 +4,12 @@
 ``<!-- bench:begin -->`` and ``<!-- bench:end -->`` and writes the plots (PNG, beside the JSON
 files), so the README never drifts from the data.
 
-Three kinds of JSON files are read: one op benchmark (``python -m bench``), an op bundle (several
-op results in one file, ``"kind": "op-bundle"``, as the GPU script writes them) and an end-to-end
-benchmark (``"kind": "e2e"``, ``python -m bench.e2e``). GPU results come first; CPU results are
-shown apart and labelled. Every table row names the card, the library versions and the commit.
+Four kinds of JSON files are read: one op benchmark (``python -m bench``), an op bundle (several
+op results in one file, ``"kind": "op-bundle"``, as the GPU script writes them), an end-to-end
+benchmark (``"kind": "e2e"``, ``python -m bench.e2e``) and the static kernel report
+(``"kind": "kernel-report"``, ``python -m bench.kernel_report``). GPU results come first, then the
+kernel report; CPU results are shown apart and labelled. Every table row names the card, the
+library versions and the commit.
 """
 
 from __future__ import annotations
@@ -179,6 +181,45 @@ def _value(value):
 # -------------------------------------------------------------------------------------------------
 
 
+def kernel_report_section(report: dict) -> str:
+    """The static kernel report (``python -m bench.kernel_report``): its headline cases as a table."""
+    from .kernel_report.table import markdown_table, roofline_lines
+
+    env = report["environment"]
+    main = [r for r in report["records"] if r["case"]["main"]]
+    main_cases = {r["case"]["name"] for r in main}
+    parts = [
+        "#### Static kernel report (sm_90a, no GPU)",
+        "",
+        f"Every Triton launch of the launchers at the GPU presets, specialised by Triton's own binder and compiled "
+        f"for sm_90a without a GPU (triton {env['triton']}, commit {env['commit']}); H100 limits for occupancy "
+        f"and waves ({env['limits']['sm_count']} SMs). `mma / expected`: static MMA instructions per warpgroup "
+        f"(wgmma) or warp (mma.sync) in the PTX against what the tile math needs without duplicated rows "
+        f"((!) = duplicated work). These are compiled facts, not timings. Headline shapes and their variants "
+        f"below; all {len(report['records'])} launches in `bench/results/kernel-report-sm90a.json` "
+        f"(`python -m bench.kernel_report --op all`).",
+        "",
+        markdown_table(main),
+        "",
+        "Roofline lower bounds of the headline cases (whole call; peak HBM 3.35 TB/s, dense bf16 990 TFLOP/s):",
+        "",
+    ]
+    parts += [f"- {line}" for line in roofline_lines([x for x in report["roofline"] if x["case"] in main_cases])]
+    if report.get("errors"):
+        parts += ["", "Kernels that did not compile: " + "; ".join(e["kernel"] for e in report["errors"])]
+    return "\n".join(parts) + "\n"
+
+
+def load_kernel_reports(paths) -> list[dict]:
+    reports = []
+    for path in sorted(paths):
+        with open(path) as f:
+            data = json.load(f)
+        if data.get("kind") == "kernel-report":
+            reports.append(data)
+    return reports
+
+
 def load(paths) -> list[tuple[str, dict]]:
     """(path, result) for every result in the files; op bundles are expanded."""
     loaded = []
@@ -224,6 +265,8 @@ def render(paths, *, plots_dir: str | None = None, link_from: str | None = None,
             parts.append("No GPU results yet: the GPU numbers are still to be taken (run `bash bench/gpu_run.sh` "
                          "on an H100 or H200).\n" if is_gpu else "No CPU results yet.\n")
         sections.append("\n".join(parts).rstrip() + "\n")
+        if is_gpu:  # the compiled facts stand in for GPU numbers until there are some
+            sections += [kernel_report_section(r) for r in load_kernel_reports(paths)]
     return "\n".join(sections)
 
 

@@ -167,24 +167,62 @@ class MoSEAdapter(nn.Module):
         return unit_logits[unit], unit_logits[present], unit_slots[present]
 
     def _regularizers(self, unit_logits, unit_slot) -> dict[str, torch.Tensor]:
-        """DESIGN 2.1: load balance (mean over adapted modalities present) and router z-loss."""
+        """DESIGN 2.1: load balance (mean over adapted modalities present) and router z-loss.
+
+        ``L_lb = mean_m E * sum_e f_{m,e} P_{m,e}`` with ``f = F / C`` and ``P = S / C``: ``F`` the dispatch
+        sums (each of k choices counts 1/k), ``S`` the router-probability sums and ``C`` the routing units
+        of modality m. ``L_z = Z / N``, ``Z`` the sum of ``logsumexp(z)^2`` over the ``N`` units.
+
+        Data-parallel training (torch.distributed initialised, world size W > 1, a coefficient on): the
+        statistics are those of the global batch, as one process would compute them. One all_reduce
+        sums F, S, C and Z over the ranks (sums and counts, never means), so every rank returns the
+        same, global value. Gradient: a rank differentiates only its own units' share, ``S_local`` and
+        ``Z_local``, with the global F and C as constants, and scales it by W; DDP and FSDP average
+        gradients over the ranks (sum / W), which then gives exactly the single-process gradient
+        ``d L / d S = sum over ranks of d S_local``. Every rank must run the same adapters in the same
+        order (data parallelism does), including a rank whose batch has no units for this adapter.
+        """
         n_slots, n_experts, k = len(self.adapted), self.num_experts, self.top_k
-        zero = unit_logits.new_zeros((), dtype=torch.float32)
-        if unit_logits.shape[0] == 0:
-            return {"load_balance": zero, "z_loss": zero}
         logits = unit_logits.float()
         probs = torch.softmax(logits, dim=-1)  # [U, E]
-        chosen = probs.topk(k, dim=-1).indices
+        chosen = probs.topk(k, dim=-1).indices  # [U, k]
         share = torch.full_like(chosen, 1.0 / k, dtype=probs.dtype)  # each of k choices counts 1/k
         dispatch = torch.zeros_like(probs).scatter_add(1, chosen, share)
-        count = torch.bincount(unit_slot, minlength=n_slots).to(probs.dtype)  # [Ma]
-        frac = probs.new_zeros(n_slots, n_experts).index_add(0, unit_slot, dispatch)
-        mean_p = torch.zeros_like(frac).index_add(0, unit_slot, probs)
-        per_slot = n_experts * (frac * mean_p).sum(-1) / count.clamp_min(1) ** 2  # E * sum_e f * P
-        present = count > 0
-        load_balance = per_slot[present].mean()
-        z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
-        return {"load_balance": load_balance, "z_loss": z_loss}
+        count = torch.bincount(unit_slot, minlength=n_slots).to(probs.dtype)  # [Ma]  C
+        dispatched = probs.new_zeros(n_slots, n_experts).index_add(0, unit_slot, dispatch)  # [Ma, E]  F
+        prob_sum = torch.zeros_like(dispatched).index_add(0, unit_slot, probs)  # [Ma, E]  S, differentiable
+        z_sum = torch.logsumexp(logits, dim=-1).pow(2).sum()  # Z, differentiable
+
+        def load_balance_of(prob_sums):  # reads F and C when called: after the all_reduce, the global ones
+            per_slot = n_experts * (dispatched * prob_sums).sum(-1) / count.clamp_min(1) ** 2  # E * sum_e f * P
+            present = (count > 0).to(per_slot.dtype)  # (no boolean indexing: no host sync)
+            return (per_slot * present).sum() / present.sum().clamp_min(1)
+
+        world = self._data_parallel_world()
+        if world == 1:
+            return {"load_balance": load_balance_of(prob_sum), "z_loss": z_sum / count.sum().clamp_min(1)}
+        import torch.distributed as dist
+
+        stats = torch.cat([dispatched.detach().flatten(), prob_sum.detach().flatten(), count, z_sum.detach().view(1)])
+        dist.all_reduce(stats)  # sums over the ranks
+        n = n_slots * n_experts
+        dispatched = stats[:n].view(n_slots, n_experts)
+        count = stats[2 * n:2 * n + n_slots]
+        global_load_balance = load_balance_of(stats[n:2 * n].view(n_slots, n_experts))
+        n_units = count.sum().clamp_min(1)
+        local_load_balance = world * load_balance_of(prob_sum)  # this rank's units, F and C global
+        local_z = world * z_sum / n_units
+        return {"load_balance": local_load_balance + (global_load_balance - local_load_balance).detach(),
+                "z_loss": local_z + (stats[-1] / n_units - local_z).detach()}
+
+    def _data_parallel_world(self) -> int:
+        """W for :meth:`_regularizers`: the default group's size in a distributed run whose regularizers
+        count (a coefficient > 0), else 1."""
+        import torch.distributed as dist
+
+        if not (self.load_balance_coef or self.z_loss_coef) or not dist.is_available() or not dist.is_initialized():
+            return 1
+        return dist.get_world_size()
 
     @torch.no_grad()
     def _update_dynamic_weights(self, update, slot, scale):

@@ -163,3 +163,97 @@ def test_empty_files_give_an_all_null_report(tmp_path):
     assert all(
         m == {"n": 0, "accuracy": None, "recall": None, "mean": None} for m in report["subsets"].values()
     )
+
+
+def _one_line_exit_2(capsys, rc, *needles):
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith("mosear-eval: error:") and err.count("\n") == 1 and "Traceback" not in err
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "message"),
+    [
+        ('{"id": 1' + "0" * 5000 + ', "prediction": "sad"}', "line 2: unreadable JSON value (Exceeds the limit"),
+        ('{"id": "v1", "prediction": ' + "[" * 100_000 + "]" * 100_000 + "}", "line 2: JSON nested too deeply"),
+    ],
+    ids=["int_of_5000_digits", "nested_100000_deep"],
+)
+def test_json_python_cannot_hold_is_one_line_naming_file_and_line(tmp_path, capsys, bad_line, message):
+    # Issue 17 item 4: valid JSON that Python refuses (int-string conversion limit, RecursionError).
+    labels = _write_jsonl(tmp_path / "labels.jsonl", LABEL_ROWS)
+    predictions = tmp_path / "predictions.jsonl"
+    predictions.write_text(json.dumps(PREDICTION_ROWS[0]) + "\n" + bad_line + "\n")
+    rc = main(["--labels", str(labels), "--predictions", str(predictions), "--out", str(tmp_path / "out")])
+    _one_line_exit_2(capsys, rc, f"{predictions}: {message}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_title_and_modality_names_are_text_not_mathtext(tmp_path):
+    # Issue 17 item 5: '$' starts matplotlib mathtext; '\foo' inside it is a parse error.
+    predictions = [{**row, "attention": {"$\\bar{$": 0.5, "audio": 0.5}} for row in PREDICTION_ROWS]
+    rc, out = _run(tmp_path, LABEL_ROWS, predictions, "--title", "run $\\foo{$", "--quiet")
+    assert rc == 0 and {p.name for p in out.iterdir()} == OUTPUTS
+    assert (out / "report.md").read_text().startswith("# run $\\foo{$\n")
+
+
+def _strict_json(path):
+    def refuse(constant):
+        raise AssertionError(f"{path}: {constant} is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_attention_share_outside_0_1_is_refused_naming_file_line_and_field(tmp_path, capsys):
+    # Issue 17 item 11: 1e308 used to average to Infinity (report.json then not valid JSON).
+    predictions = [dict(row) for row in PREDICTION_ROWS]
+    predictions[1]["attention"] = {"visual": 1e308, "audio": 0.5}
+    predictions[2]["attention"] = {"visual": 0.25, "audio": 0.75}
+    rc, out = _run(tmp_path, LABEL_ROWS, predictions)
+    assert rc == 0
+    report = _strict_json(out / "report.json")
+    assert report["problem_counts"] == {"bad_attention": 1}
+    problem = report["problems"][0]
+    assert (problem["source"], problem["line"]) == ("predictions", 2)
+    assert "attention.visual: expected a share in [0, 1], got 1e+308" in problem["detail"]
+    shares = [s for s in report["attention_share"].values() if s]
+    assert shares == [{"audio": 0.75, "visual": 0.25}]  # only the valid row's shares
+    printed = [line for line in capsys.readouterr().out.splitlines() if "attention.visual" in line]
+    assert len(printed) == 1 and printed[0].lstrip().startswith(f"{tmp_path / 'predictions.jsonl'}:2 ")
+    for share in (-0.1, 1.5, 40):
+        predictions[1]["attention"] = {"visual": share}
+        rc, out = _run(tmp_path, LABEL_ROWS, predictions, "--quiet")
+        assert _strict_json(out / "report.json")["problem_counts"] == {"bad_attention": 1}, share
+
+
+@pytest.mark.parametrize("previous_report", [False, True], ids=["new_out", "previous_report_kept"])
+def test_report_folder_is_one_unit_when_writing_fails(tmp_path, capsys, monkeypatch, previous_report):
+    # Issue 17 item 11: a failure while writing report.json used to leave camer.png and report.md behind.
+    from mosear_fast.training import eval_cli
+
+    out = tmp_path / "results" / "out"
+    if previous_report:
+        out.mkdir(parents=True)
+        for name in OUTPUTS:
+            (out / name).write_text(f"previous {name}")
+        (out / "notes.txt").write_text("the user's own file")
+
+    def disk_full(path, text):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(eval_cli, "atomic_write_text", disk_full)  # after the chart and report.md
+    labels = _write_jsonl(tmp_path / "labels.jsonl", LABEL_ROWS)
+    preds = _write_jsonl(tmp_path / "predictions.jsonl", PREDICTION_ROWS)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    rc = main(["--labels", str(labels), "--predictions", str(preds), "--out", str(out)])
+    _one_line_exit_2(capsys, rc, f"--out {out}: No space left on device")
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing of the failed run
+    if previous_report:
+        assert (out / "report.json").read_text() == "previous report.json"
+    monkeypatch.undo()
+    assert main(["--labels", str(labels), "--predictions", str(preds), "--out", str(out), "--quiet"]) == 0
+    assert {p.name for p in out.iterdir()} == OUTPUTS | ({"notes.txt"} if previous_report else set())
+    assert _strict_json(out / "report.json")["subsets"]["consistent"]["n"] == 1
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out"]  # no staging folder left

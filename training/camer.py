@@ -126,17 +126,21 @@ class CamerAccumulator:
 
 
 def check_attention(attention: Mapping[str, float]) -> dict[str, float]:
-    """Validate attention shares: modality name -> finite number >= 0; returns a float dict."""
+    """Validate attention shares: modality name -> number in [0, 1]; returns a float dict.
+
+    A share is a fraction of one query's attention mass, so anything outside [0, 1] (a percentage,
+    a raw score, 1e308) is an error naming the field, never averaged into the report.
+    """
     if not isinstance(attention, Mapping):
         raise TypeError(
             f"attention: expected an object of modality name -> share, got {type(attention).__name__}"
         )
     out = {}
     for modality, share in attention.items():
-        ok = isinstance(share, (int, float)) and not isinstance(share, bool)
-        if not isinstance(modality, str) or not ok or not math.isfinite(share) or share < 0:
-            raise ValueError(
-                f"attention: expected modality name -> finite share >= 0, got {modality!r}: {share!r}"
-            )
+        if not isinstance(modality, str):
+            raise ValueError(f"attention: expected modality names (strings) as keys, got {modality!r}")
+        is_number = isinstance(share, (int, float)) and not isinstance(share, bool)
+        if not is_number or not math.isfinite(share) or not 0.0 <= share <= 1.0:
+            raise ValueError(f"attention.{modality}: expected a share in [0, 1], got {share!r}")
         out[modality] = float(share)
     return out

@@ -85,11 +85,20 @@ def write_chart(path: str | os.PathLike, report: dict, *, title: str = "CA-MER e
     """Grouped bars of accuracy, recall and mean per subset (PNG, Agg backend), written atomically.
 
     Empty subsets get no bars and an "n = 0" note. With attention shares, a second panel stacks
-    the mean share per modality for each subset.
+    the mean share per modality for each subset. Every text (the title, modality names from the
+    input) is drawn as plain text: ``$`` is a dollar sign, not the start of matplotlib mathtext.
     """
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed; safe to call before pyplot is imported
+
+    # Text objects read the setting when created, so the whole figure is built inside the context.
+    with matplotlib.rc_context({"text.parse_math": False}):
+        fig = _chart_figure(report, title)
+    atomic_save_figure(fig, path, dpi=120)
+
+
+def _chart_figure(report: dict, title: str):
     import matplotlib.pyplot as plt
 
     shares = report.get("attention_share")
@@ -129,4 +138,4 @@ def write_chart(path: str | os.PathLike, report: dict, *, title: str = "CA-MER e
         ax2.set_ylim(0, 1.2)  # headroom for the legend
         ax2.legend(loc="upper center", ncol=max(1, len(modalities)), fontsize=8)
     fig.tight_layout()
-    atomic_save_figure(fig, path, dpi=120)
+    return fig

@@ -15,7 +15,7 @@ Nothing is dropped silently. Every problem becomes an entry ``{"kind", "source",
 - ``unknown_id``: a prediction whose id has no label row (ignored);
 - ``missing_prediction``: a labelled sample without a prediction row (scored 0);
 - ``unparsable_prediction``: a prediction naming no known label, or not a string/list (scored 0);
-- ``bad_attention``: attention shares that are not modality -> finite share >= 0 (shares ignored).
+- ``bad_attention``: attention shares that are not modality -> share in [0, 1] (shares ignored).
 """
 
 from __future__ import annotations

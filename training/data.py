@@ -127,6 +127,11 @@ def read_manifest(path: str | os.PathLike) -> list[dict]:
 
     Labels are returned normalised to canonical names. ValueError names the line of a bad row.
     """
+    return [row for _, row in _numbered_manifest(path)]
+
+
+def _numbered_manifest(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """:func:`read_manifest` with the line number of every row."""
     rows, seen = [], {}
     for line, row in read_jsonl(path):
         where = f"{path}: line {line}"
@@ -142,8 +147,13 @@ def read_manifest(path: str | os.PathLike) -> list[dict]:
         if row["id"] in seen:
             raise ValueError(f"{where}: duplicate id {row['id']!r} (first on line {seen[row['id']]})")
         seen[row["id"]] = line
-        rows.append({**row, **labels})
+        rows.append((line, {**row, **labels}))
     return rows
+
+
+class MissingSampleError(FileNotFoundError, ValueError):
+    """A manifest row whose tensor file does not exist: a FileNotFoundError that is also the ValueError
+    every other unusable sample raises, with a message naming the manifest line and the file."""
 
 
 class ManifestDataset(Dataset):
@@ -164,7 +174,9 @@ class ManifestDataset(Dataset):
                     f"modalities: expected a non-empty subset of {MODALITIES}, got {modalities!r}"
                 )
         self.modalities = None if modalities is None else tuple(modalities)
-        self.rows = read_manifest(self.manifest)
+        numbered = _numbered_manifest(self.manifest)
+        self.rows = [row for _, row in numbered]
+        self.lines = [line for line, _ in numbered]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -174,16 +186,27 @@ class ManifestDataset(Dataset):
         return p if p.is_absolute() else self.root / p
 
     def __getitem__(self, index: int) -> dict:
-        from safetensors import safe_open
+        """Read sample ``index``. A file that is missing (:class:`MissingSampleError`), unreadable or not
+        safetensors, or lacks a modality, is a ValueError naming the manifest line and the file (files
+        are read only here, so such an error comes during training, not when the dataset is built)."""
+        from safetensors import SafetensorError, safe_open
 
         row = self.rows[index]
         path = self.tensor_path(index)
-        with safe_open(str(path), framework="pt") as f:
-            names = self.modalities or tuple(m for m in MODALITIES if m in f.keys())
-            missing = [m for m in names if m not in f.keys()]
-            if missing:
-                raise ValueError(f"{path}: sample {row['id']!r} has no tensor for modality {missing}")
-            inputs = {m: f.get_tensor(m) for m in names}
+        where = f"{self.manifest}: line {self.lines[index]}: {path}"
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                names = self.modalities or tuple(m for m in MODALITIES if m in f.keys())
+                missing = [m for m in names if m not in f.keys()]
+                if missing:
+                    raise ValueError(f"{where}: sample {row['id']!r} has no tensor for modality {missing}")
+                inputs = {m: f.get_tensor(m) for m in names}
+        except FileNotFoundError:
+            raise MissingSampleError(f"{where}: no such file") from None
+        except OSError as e:  # safetensors gives no filename; errno text only
+            raise ValueError(f"{where}: cannot read ({e.strerror or e})") from None
+        except SafetensorError as e:
+            raise ValueError(f"{where}: not a safetensors file ({e})") from None
         return {
             "id": row["id"],
             "inputs": inputs,

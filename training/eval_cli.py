@@ -2,8 +2,10 @@
 
     mosear-eval --labels labels.jsonl --predictions predictions.jsonl --out results/
 
-Writes ``report.json`` (machine-readable), ``report.md`` and ``camer.png`` into ``--out``, each
-atomically; prints a summary and every kind of problem found in the inputs.
+Writes ``report.json`` (machine-readable), ``report.md`` and ``camer.png`` into ``--out`` as one unit:
+all three are written into a staging folder first and moved into ``--out`` only when every one is
+complete, so a failed run leaves nothing of itself and a previous report stays as it was. Prints a
+summary and every kind of problem found in the inputs.
 Exit status: 0 done; 1 done but problems were found and ``--strict`` was given; 2 unusable input
 or output (one-line message on stderr, no traceback).
 """
@@ -15,11 +17,11 @@ import json
 import sys
 from pathlib import Path
 
-from mosear_fast.atomic import atomic_write_text
+from mosear_fast.atomic import atomic_write_text, staged_folder
 
 from .camer import SUBSETS
 from .camer_report import write_chart, write_markdown
-from .camer_rows import evaluate_rows
+from .camer_rows import LABELS, PREDICTIONS, evaluate_rows
 from .jsonl import JsonlError, read_jsonl
 from .labels import EMOTIONS
 
@@ -82,7 +84,7 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _print_summary(report: dict, out_dir: Path) -> None:
+def _print_summary(report: dict, out_dir: Path, files: dict[str, Path]) -> None:
     print(f"{'subset':<15}{'n':>7}{'accuracy':>11}{'recall':>9}{'mean':>9}")
     for s in SUBSETS:
         m = report["subsets"][s]
@@ -94,7 +96,8 @@ def _print_summary(report: dict, out_dir: Path) -> None:
         examples = [p for p in report["problems"] if p["kind"] == kind][:EXAMPLES_PRINTED]
         print(f"problem {kind}: {count} row(s)")
         for p in examples:
-            where = f"{p['source']}:{p['line']}" if p["line"] else p["source"]
+            source = files.get(p["source"], p["source"])
+            where = f"{source}:{p['line']}" if p["line"] else source
             print(f"  {where} id={p['id']!r}: {p['detail']}")
         if count > len(examples):
             print(f"  ... {count - len(examples)} more in {out_dir / REPORT_JSON}")
@@ -115,15 +118,20 @@ def main(argv: list[str] | None = None) -> int:
     progress = not args.no_progress and not args.quiet and len(label_rows) >= PROGRESS_MIN_ROWS
     report = evaluate_rows(label_rows, prediction_rows, progress=progress)
     report["inputs"] = {"labels": str(args.labels), "predictions": str(args.predictions)}
+    try:  # strict JSON: a NaN or Infinity would make report.json unreadable to other tools
+        report_text = json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    except ValueError as e:
+        return _fail(f"cannot write {REPORT_JSON}: the report holds a non-finite number ({e})")
     try:
-        write_chart(args.out / CHART_PNG, report, title=args.title)
-        write_markdown(args.out / REPORT_MD, report, title=args.title)
-        # JSON last: its presence means the other files are complete too.
-        atomic_write_text(args.out / REPORT_JSON, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        # report.json is the completion marker: it moves into --out last.
+        with staged_folder(args.out, last=(REPORT_JSON,)) as stage:
+            write_chart(stage / CHART_PNG, report, title=args.title)
+            write_markdown(stage / REPORT_MD, report, title=args.title)
+            atomic_write_text(stage / REPORT_JSON, report_text)
     except OSError as e:
         return _fail(f"cannot write to --out {args.out}: {e.strerror or e}")
     if not args.quiet:
-        _print_summary(report, args.out)
+        _print_summary(report, args.out, {LABELS: args.labels, PREDICTIONS: args.predictions})
     return 1 if args.strict and report["problems"] else 0
 
 

@@ -11,7 +11,9 @@ from mosear_fast.atomic import atomic_write_text
 
 
 class JsonlError(ValueError):
-    """A JSONL file that cannot be read: missing, not UTF-8, or a line that is not valid JSON."""
+    """A JSONL file that cannot be read: missing, not UTF-8, a line that is not valid JSON, or one that Python
+    cannot hold (an integer of more than ``sys.get_int_max_str_digits()`` digits, nesting deeper than the
+    recursion limit)."""
 
 
 def read_jsonl(path: str | os.PathLike) -> list[tuple[int, object]]:
@@ -40,6 +42,11 @@ def read_jsonl(path: str | os.PathLike) -> list[tuple[int, object]]:
             rows.append((number, json.loads(line)))
         except json.JSONDecodeError as e:
             raise JsonlError(f"{p}: line {number}: not valid JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise JsonlError(f"{p}: line {number}: JSON nested too deeply to read") from None
+        except ValueError as e:  # valid JSON Python refuses, e.g. an integer past sys.get_int_max_str_digits()
+            reason = str(e).split(";")[0]  # drop the advice to call sys.set_int_max_str_digits
+            raise JsonlError(f"{p}: line {number}: unreadable JSON value ({reason})") from None
     return rows
 
 

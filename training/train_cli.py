@@ -5,18 +5,29 @@
 
 Settings come from the YAML file and flags (flags win); every field is listed below. The output
 folder (format: ``mosear_fast.training.trained_folder``) reloads with ``load_trained(folder)``.
+
+The run writes into a staging folder beside the output folder, ``.<name>.partial``, and moves its
+files into the output folder only when training has finished: a failed run leaves nothing in the
+output folder (a previous result there stays as it was). When a failed run had written checkpoints,
+its staging folder is kept and ``--resume last`` continues from the newest one; otherwise it is
+removed. A run killed outright leaves its staging folder for ``--resume last``; the next run without
+``--resume`` starts a fresh one.
 Exit status: 0 done; 2 bad settings or unusable input/output (one-line message, no traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import re
+import shutil
 import sys
 from pathlib import Path
 
 from .train_config import FIELDS, resolve_settings
 
 PROG = "mosear-train"
+CHECKPOINT_PATTERN = "checkpoint-*"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +56,40 @@ def read_yaml(path: Path) -> dict:
         return {}
     if not isinstance(values, dict):
         raise ValueError(f"--config {path}: expected a mapping of fields, got {type(values).__name__}")
+    for key in values:
+        if not isinstance(key, str):
+            raise ValueError(f"--config {path}: field names must be text, got the {type(key).__name__} {key!r}")
     return values
+
+
+def staging_folder(out: Path) -> Path:
+    """Where a run writes before its output is published: ``.<name>.partial`` beside ``out``."""
+    resolved = out.resolve()
+    if not resolved.name:
+        raise ValueError(f"output_dir: expected a folder below the file-system root, got {out}")
+    return resolved.parent / f".{resolved.name}.partial"
+
+
+def has_checkpoint(folder: Path) -> bool:
+    return any(p.is_dir() for p in folder.glob(CHECKPOINT_PATTERN))
+
+
+def resolve_resume(resume: str | None, out: Path, staging: Path) -> str | None:
+    """The checkpoint folder to resume from: 'last' is the newest in the staging folder (a failed or
+    killed run's), else in the output folder (a finished run's)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if resume is None:
+        return None
+    if resume == "last":
+        for folder in (staging, out):
+            last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+            if last is not None:
+                return last
+        raise ValueError(f"resume: no {CHECKPOINT_PATTERN} folder in {out} or {staging} to continue from")
+    if not Path(resume).is_dir():
+        raise ValueError(f"resume: {resume} is not a checkpoint folder (or 'last')")
+    return resume
 
 
 def training_data(s: dict):
@@ -63,14 +107,20 @@ def training_data(s: dict):
 
 
 def run(s: dict) -> Path:
+    from safetensors import SafetensorError
+
     from mosear_fast import ARConfig, MoSEConfig
+    from mosear_fast.atomic import staged_folder
     from mosear_fast.av_model import build_demo_model
 
     from .fit import default_training_arguments, fit_mose, prepare_mose
-    from .trained_folder import backbone_reference, load_backbone, write_backbone_weights
-    from .trainer import is_main_process
+    from .trained_folder import BACKBONE_FILE, BACKBONE_WEIGHTS_FILE, backbone_reference, load_backbone
+    from .trainer import barrier, is_main_process
 
     out = Path(s["output_dir"])
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output_dir: {out} exists and is not a folder")
+    staging = staging_folder(out)
     dataset = training_data(s)
     reference = backbone_reference(s["backbone_seed"], s["backbone_sizes"], None)
     try:
@@ -82,46 +132,81 @@ def run(s: dict) -> Path:
         if not weights.is_file():
             raise ValueError(f"backbone_weights: {weights} is not a file")
         reference = {**reference, "weights": str(weights)}
-    model = load_backbone(out, reference)  # absolute weights path: resolved as is
-    if s["backbone_weights"]:
-        if is_main_process():
-            write_backbone_weights(out, model)
-        reference["weights"] = "backbone.safetensors"
-    mose = MoSEConfig(r=s["rank"], alpha=s["alpha"], num_experts=s["num_experts"], top_k=s["top_k"],
-                      routing=s["routing"], target_modules=s["target_modules"], dropout=s["dropout"],
-                      load_balance_coef=s["load_balance_coef"], z_loss_coef=s["z_loss_coef"],
-                      dynamic_weights=s["dynamic_weights"], beta=s["beta"], gamma=s["gamma"],
-                      weight_clip=s["weight_clip"])
-    ar = ARConfig(strength=s["ar_strength"]) if s["ar"] else None
+    try:
+        model = load_backbone(out, reference)  # absolute weights path: resolved as is
+    except (RuntimeError, SafetensorError) as e:  # not safetensors, or tensors of another backbone
+        raise ValueError(f"backbone_weights: {s['backbone_weights']}: not this backbone's weights "
+                         f"({str(e).splitlines()[0]})") from None
+    try:
+        mose = MoSEConfig(r=s["rank"], alpha=s["alpha"], num_experts=s["num_experts"], top_k=s["top_k"],
+                          routing=s["routing"], target_modules=s["target_modules"], dropout=s["dropout"],
+                          load_balance_coef=s["load_balance_coef"], z_loss_coef=s["z_loss_coef"],
+                          dynamic_weights=s["dynamic_weights"], beta=s["beta"], gamma=s["gamma"],
+                          weight_clip=s["weight_clip"])
+        ar = ARConfig(strength=s["ar_strength"]) if s["ar"] else None
+    except (TypeError, ValueError) as e:  # a combination the field checks alone cannot see
+        raise ValueError(str(e)) from None
     prepare_mose(model, mose, seed=s["seed"])
+    resume = resolve_resume(s["resume"], out, staging)
+    parallel = {"fsdp": True, "fsdp_config": {}} if s["fsdp"] else {}
     args = default_training_arguments(
-        out, num_train_epochs=s["epochs"], max_steps=s["max_steps"], per_device_train_batch_size=s["batch_size"],
+        staging, num_train_epochs=s["epochs"], max_steps=s["max_steps"], per_device_train_batch_size=s["batch_size"],
         gradient_accumulation_steps=s["grad_accum"], learning_rate=s["learning_rate"],
         weight_decay=s["weight_decay"], warmup_steps=s["warmup_steps"], lr_scheduler_type=s["lr_scheduler"],
         bf16=s["precision"] == "bf16", fp16=s["precision"] == "fp16", seed=s["seed"],
         logging_steps=s["logging_steps"], save_strategy="steps" if s["save_steps"] else "no",
         save_steps=s["save_steps"] or 500, save_total_limit=s["save_total_limit"],
-        dataloader_num_workers=s["num_workers"], disable_tqdm=not s["progress"])
-    resume = s["resume"]
-    if resume == "last":
-        resume = True
-    elif resume is not None and not Path(resume).is_dir():
-        raise ValueError(f"resume: {resume} is not a checkpoint folder (or 'last')")
-    fit_mose(model, dataset, args, mose=mose, ar=ar, backbone=reference, resume_from_checkpoint=resume)
+        dataloader_num_workers=s["num_workers"], disable_tqdm=not s["progress"], **parallel)
+    _ = args.device  # starts torch.distributed under torchrun: the ranks agree from here on
+    main_process = is_main_process()
+    resuming_inside = resume is not None and Path(resume).resolve().is_relative_to(staging)
+    if main_process and not resuming_inside:
+        shutil.rmtree(staging, ignore_errors=True)  # a killed run's leftovers: this run starts afresh
+    # Rank 0 alone creates, publishes and removes the staging folder; the other ranks write into it
+    # only through the Trainer (their RNG states in checkpoints), between the two barriers.
+    with (staged_folder(out, staging=staging, last=(BACKBONE_FILE,), keep_on_error=has_checkpoint)
+          if main_process else contextlib.nullcontext(staging)):
+        barrier()  # the staging folder exists
+        if s["backbone_weights"] and main_process:  # the file loaded (strictly) above, beside the adapter
+            shutil.copyfile(reference["weights"], staging / BACKBONE_WEIGHTS_FILE)
+        fit_mose(model, dataset, args, mose=mose, ar=ar, backbone=_local_weights(reference),
+                 resume_from_checkpoint=resume)
+        barrier()  # every rank's last write is done before rank 0 publishes
     return out
+
+
+def _local_weights(reference: dict) -> dict:
+    """The backbone reference as written: a weights file is copied beside the adapter."""
+    from .trained_folder import BACKBONE_WEIGHTS_FILE
+
+    return {**reference, "weights": BACKBONE_WEIGHTS_FILE} if reference["weights"] else reference
+
+
+def describe(error: BaseException) -> str:
+    """One line for the terminal. An error raised in a DataLoader worker arrives as 'Caught ValueError in
+    DataLoader worker process 0' plus the worker's traceback: its last line carries the message."""
+    text = str(error) if not isinstance(error, OSError) or error.strerror is None else (
+        f"{error.filename}: {error.strerror}" if error.filename else error.strerror)
+    lines = [line for line in text.splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Caught ") and "Traceback" in text:
+        return re.sub(r"^[\w.]+: ", "", lines[-1].strip())
+    return lines[0] if lines else type(error).__name__
 
 
 def main(argv=None) -> int:
     parsed = vars(build_parser().parse_args(argv))
     config = parsed.pop("config", None)
+    settings = None
     try:
         settings = resolve_settings(read_yaml(config) if config else {}, parsed)
         out = run(settings)
-    except ValueError as e:
-        print(f"{PROG}: error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"{PROG}: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+    except (ValueError, OSError) as e:
+        note = ""
+        with contextlib.suppress(ValueError):  # (no staging folder for a bad output_dir)
+            staging = staging_folder(Path(settings["output_dir"])) if settings is not None else None
+            if staging is not None and has_checkpoint(staging):
+                note = f" (checkpoints kept in {staging}; --resume last continues from the newest)"
+        print(f"{PROG}: error: {describe(e)}{note}", file=sys.stderr)
         return 2
     from .trainer import is_main_process
 

@@ -24,6 +24,8 @@ class Field:
     help: str
     choices: tuple | None = None
     low: float | None = None
+    item: str | None = None  # kind of a list's elements ("str", "float", ...)
+    length: int | None = None  # a list's exact length
 
 
 FIELDS = (
@@ -41,14 +43,14 @@ FIELDS = (
     Field("num_experts", "int", 4, "expert up-projections per modality", low=1),
     Field("top_k", "int", 1, "experts per routing unit (1 or 2)", choices=(1, 2)),
     Field("routing", "str", "token", "router granularity", choices=ROUTINGS),
-    Field("target_modules", "list", ["q_proj", "v_proj"], "linear layers that get adapters (names)"),
+    Field("target_modules", "list", ["q_proj", "v_proj"], "linear layers that get adapters (names)", item="str"),
     Field("dropout", "float", 0.0, "dropout on the adapter input", low=0.0),
     Field("load_balance_coef", "float", 0.01, "weight of the load-balance loss", low=0.0),
     Field("z_loss_coef", "float", 0.001, "weight of the router z-loss", low=0.0),
     Field("dynamic_weights", "bool", True, "balance the visual/audio adapter updates with dynamic weights"),
     Field("beta", "float", 0.9, "EMA decay of the update norms", low=0.0),
     Field("gamma", "float", 1.0, "exponent of the dynamic weights", low=0.0),
-    Field("weight_clip", "list", [0.5, 2.0], "(w_min, w_max) of the dynamic weights"),
+    Field("weight_clip", "list", [0.5, 2.0], "(w_min, w_max) of the dynamic weights", item="float", length=2),
     Field("ar", "bool", True, "store an AR config for inference in the output folder"),
     Field("ar_strength", "float", 0.5, "AR strength in [0, 1] for inference", low=0.0),
     Field("epochs", "float", 3.0, "training epochs", low=0.0),
@@ -67,9 +69,17 @@ FIELDS = (
     Field("save_total_limit", "int", 2, "checkpoints kept (oldest deleted first)", low=1),
     Field("resume", "str", None, "a checkpoint folder to resume from, or 'last' (the latest in output_dir)"),
     Field("num_workers", "int", 0, "DataLoader worker processes", low=0),
+    Field("fsdp", "bool", False, "shard parameters, gradients and optimizer state with FSDP2 (the Trainer's, "
+          "through accelerate); needs a multi-process launch (torchrun) on GPUs"),
     Field("progress", "bool", True, "show progress bars"),
 )
 BY_NAME = {f.name: f for f in FIELDS}
+
+
+_FORMS = {"str": "a non-empty string", "path": "a path", "int": "an integer", "float": "a finite number",
+          "bool": "true or false", "list": "a list (YAML list, JSON list or comma-separated)",
+          "dict": "a mapping (YAML mapping or JSON object) with string keys"}
+_ITEM_FORMS = {"str": "non-empty strings", "float": "finite numbers", "int": "integers"}
 
 
 def check_value(field: Field, value):
@@ -78,47 +88,57 @@ def check_value(field: Field, value):
     if value is None and (field.default is None or field.kind == "path"):
         return None
     try:
-        if field.kind in ("str", "path"):
-            if not isinstance(value, str) or not value:
-                raise TypeError
-            out = value
-        elif field.kind == "int":
-            if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and
-                                                                         value.lstrip("-").isdigit())):
-                raise TypeError
-            out = int(value)
-        elif field.kind == "float":
-            if isinstance(value, bool):
-                raise TypeError
-            out = float(value)
-            if not math.isfinite(out):
-                raise TypeError
-        elif field.kind == "bool":
-            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-                out = value.lower() in ("true", "yes", "1")
-            elif isinstance(value, bool):
-                out = value
-            else:
-                raise TypeError
-        elif field.kind == "list":
-            out = json.loads(value) if isinstance(value, str) and value.startswith("[") else value
-            if isinstance(out, str):
-                out = [v for v in out.split(",") if v]
-            if not isinstance(out, list) or not out:
-                raise TypeError
-        else:  # dict
-            out = json.loads(value) if isinstance(value, str) else value
-            if not isinstance(out, dict):
-                raise TypeError
-    except (TypeError, ValueError, json.JSONDecodeError):
-        forms = {"str": "a non-empty string", "path": "a path", "int": "an integer", "float": "a finite number",
-                 "bool": "true or false", "list": "a list (YAML list, JSON list or comma-separated)",
-                 "dict": "a mapping (YAML mapping or JSON object)"}
-        raise ValueError(f"{name}: expected {forms[field.kind]}, got {value!r}") from None
+        out = _convert(field.kind, value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected {_FORMS[field.kind]}, got {value!r}") from None
+    if field.kind == "list" and field.item is not None:
+        if field.length is not None and len(out) != field.length:
+            raise ValueError(f"{name}: expected a list of {field.length} items, got {value!r}")
+        try:
+            out = [_convert(field.item, v) for v in out]
+        except (TypeError, ValueError):
+            raise ValueError(f"{name}: expected a list of {_ITEM_FORMS[field.item]}, got {value!r}") from None
     if field.choices is not None and out not in field.choices:
         raise ValueError(f"{name}: expected one of {list(field.choices)}, got {out!r}")
     if field.low is not None and out < field.low:
         raise ValueError(f"{name}: expected a value >= {field.low}, got {out!r}")
+    return out
+
+
+def _convert(kind: str, value):
+    """``value`` as ``kind``; TypeError or ValueError when it is not one."""
+    if kind in ("str", "path"):
+        if not isinstance(value, str) or not value:
+            raise TypeError
+        return value
+    if kind == "int":
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and
+                                                                     value.lstrip("-").isdigit())):
+            raise TypeError
+        return int(value)
+    if kind == "float":
+        if isinstance(value, bool):
+            raise TypeError
+        out = float(value)
+        if not math.isfinite(out):
+            raise ValueError
+        return out
+    if kind == "bool":
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        if isinstance(value, bool):
+            return value
+        raise TypeError
+    if kind == "list":
+        out = json.loads(value) if isinstance(value, str) and value.startswith("[") else value
+        if isinstance(out, str):
+            out = [v for v in out.split(",") if v]
+        if not isinstance(out, list) or not out:
+            raise TypeError
+        return out
+    out = json.loads(value) if isinstance(value, str) else value  # dict
+    if not isinstance(out, dict) or not all(isinstance(k, str) for k in out):
+        raise TypeError
     return out
 
 

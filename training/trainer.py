@@ -5,9 +5,12 @@ accumulation, schedulers, checkpoint rotation, resume, DDP/FSDP through accelera
 is the Trainer's own):
 
 - the loss is the model's task loss plus ``aux_loss`` (load balance + router z-loss, DESIGN 2.1);
-  the dynamic modality weights update inside each training forward (the adapters do it);
+  the dynamic modality weights update inside each training forward (the adapters do it); in a
+  distributed run the router statistics of the regularizers are the global batch's (all-reduced in
+  ``MoSEAdapter._regularizers``, gradients scaled so DDP/FSDP averaging gives one process's gradient);
 - in a distributed run the update-norm EMAs are averaged over ranks after every micro-step, so all
   ranks use the same ``w_m`` (``adapter_state.sync_dynamic_weights``);
+- ``fsdp`` that accelerate silently dropped (a CPU or one-process run) is refused, not run as DDP;
 - logs: ``task_loss``, ``aux_loss``, per-modality weights, expert load and (with AR) attention shares;
 - checkpoints hold the adapter only (``adapter.safetensors``, dynamic-weight buffers included), the
   JSON files given as ``folder_files`` (configs, backbone reference), ``training_args.json`` and the
@@ -21,6 +24,7 @@ come from ``apply_mosear``; only adapter parameters should require grad (``freez
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Mapping
@@ -59,6 +63,12 @@ class MoSETrainer(Trainer):
     def __init__(self, *args, modalities=("text", "visual", "audio"), llm=None,
                  folder_files: Mapping[str, dict] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.args.fsdp and not self.is_fsdp_enabled:
+            # accelerate drops the FSDP plugin without a word when the run is not a multi-process run on
+            # accelerators (accelerate 1.15 enables FSDP for MULTI_GPU/XPU/NPU/..., never MULTI_CPU).
+            raise ValueError(f"fsdp: accelerate did not enable FSDP for this run "
+                             f"({self.accelerator.distributed_type.value}); FSDP needs a multi-process launch "
+                             "(torchrun --nproc_per_node N) on GPUs or other accelerators")
         self.modalities = tuple(modalities)
         self._llm = llm
         self.folder_files = dict(folder_files or {})
@@ -116,10 +126,41 @@ class MoSETrainer(Trainer):
         if not os.path.isfile(path):
             raise ValueError(f"resume_from_checkpoint: {resume_from_checkpoint} has no {ADAPTER_FILE}; expected "
                              "a checkpoint folder written by MoSETrainer")
-        load_adapter(self.accelerator.unwrap_model(model if model is not None else self.model), path)
+        target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        with full_tensors_into_shards(target) if self.is_fsdp_enabled else contextlib.nullcontext():
+            load_adapter(target, path)
 
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(self.state.best_model_checkpoint)
+
+
+@contextlib.contextmanager
+def full_tensors_into_shards(model):
+    """While active, ``model.load_state_dict`` takes full tensors for FSDP2's sharded (DTensor) parameters:
+    each is distributed with its parameter's mesh and placements (a checkpoint holds full tensors)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    sharded = {name: p for name, p in model.named_parameters() if isinstance(p, DTensor)}
+
+    def shard(module, state_dict, prefix, *args):
+        for name, tensor in list(state_dict.items()):
+            param = sharded.get(name[len(prefix):]) if name.startswith(prefix) else None
+            if param is not None and not isinstance(tensor, DTensor):
+                state_dict[name] = distribute_tensor(tensor.to(param.dtype), param.device_mesh, param.placements)
+
+    handle = model.register_load_state_dict_pre_hook(shard)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def barrier() -> None:
+    """Wait for every rank of a torch.distributed run; no-op outside one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def is_main_process() -> bool:

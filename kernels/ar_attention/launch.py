@@ -11,11 +11,11 @@ read of device data, so a call launched inside CUDA-graph capture after a first 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
 from ..alloc import empty_output
+from ..target import interpreted, multiprocessor_count
 from ..triton_compat import fix_interpreter_index
 from .triton_kernels import (
     LOG2E,
@@ -47,18 +47,6 @@ _INTERPRETER_PROGRAMS = 3
 # stage, so 5 stages keep three K/V blocks in flight; decode (direct addressing) gets three with 4.
 _PREFILL_STAGES = 5
 _DECODE_STAGES = 4
-
-
-def _interpreted(device: torch.device) -> bool:
-    """Whether the kernels run in the Triton interpreter (CPU tensors, or TRITON_INTERPRET=1)."""
-    return device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _sm_count(device: torch.device) -> int | None:
-    """SMs to fill; None in the interpreter (no SMs)."""
-    if device.type != "cuda":
-        return None
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _next_pow2(n: int) -> int:
@@ -131,7 +119,7 @@ def launch_plan(len_q: int, len_k: int, head_dim: int, *, batch: int, n_q_heads:
     ieee = dtype == torch.float32
     block_d = max(16, _next_pow2(head_dim))
     group = n_q_heads // n_kv_heads
-    n_sm = _sm_count(device) if not _interpreted(device) else None
+    n_sm = None if interpreted(device) else multiprocessor_count(device)  # None: no SMs to fill
     rows = n_classes * group * len_q
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits: expected an int >= 1, got {num_splits}")
@@ -204,7 +192,7 @@ def ar_attention_fwd(q, k, v, key_modality, *, num_modalities, balance, target, 
                        n_classes=n_cls, dtype=q.dtype, device=device, block_m=block_m, block_n=block_n,
                        num_splits=num_splits)
     block_m, block_n, block_d, splits = plan["block_m"], plan["block_n"], plan["block_d"], plan["num_splits"]
-    interpreter_bf16 = q.dtype == torch.bfloat16 and _interpreted(device)
+    interpreter_bf16 = q.dtype == torch.bfloat16 and interpreted(device)
     # fp32: ieee dots (no tf32 rounding). bf16 in the Triton interpreter (whose dot multiplies bf16 as
     # raw uint16): operands widened exactly to fp32 in the kernel.
     numerics = dict(DOT_PREC="ieee" if q.dtype == torch.float32 or interpreter_bf16 else "tf32",

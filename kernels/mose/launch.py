@@ -14,6 +14,7 @@ import torch
 import triton
 
 from ..alloc import empty_output
+from ..target import interpreted, multiprocessor_count
 from .triton_kernels import (
     mose_expand_bwd_kernel,
     mose_expand_kernel,
@@ -117,7 +118,7 @@ def numerics_mode(dtype: torch.dtype, device: torch.device) -> int:
     interpreter work-arounds."""
     if dtype == torch.float32:
         return 1
-    if dtype == torch.bfloat16 and device.type != "cuda":
+    if dtype == torch.bfloat16 and interpreted(device):
         return 2
     return 0
 
@@ -136,9 +137,10 @@ def wgrad_splits(n_rows: int, n_groups: int, n_tiles: int, device: torch.device,
     """
     if deterministic or n_rows == 0:
         return 1
-    if device.type != "cuda":
+    n_sm = multiprocessor_count(device)
+    if n_sm is None:  # the interpreter
         return 2
-    programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    programs = 4 * n_sm
     by_fill = triton.cdiv(programs, max(1, n_groups * n_tiles))
     by_rows = max(1, n_rows // (4 * 64 * max(1, n_groups)))  # >= ~4 blocks per split on average
     return int(max(1, min(16, by_fill, by_rows)))
