@@ -16,11 +16,11 @@ from bench.presets import PRESETS, flops
 from .cases import DTYPE_SHORT, Case, Dot, dtype_name
 
 OP = "ar"
-BALANCE = (1, 2)  # the default balance set: 2 balance slots + the rest slot
+BALANCE = (1, 2)  # the default balance set: 2 balance classes + the rest class
 # Headline shapes (issue 11): LLaMA-2-7B prefill at L = 4096, and decode at L = 4096 (MHA and GQA).
 MAIN = ("prefill-llama2-7b-b1-l4096-bf16", "decode-llama2-7b-b1-l4096-bf16", "decode-qwen2.5-omni-7b-b1-l4096-bf16")
-# Flag variants, each alone, at the headline shapes; "keybias" needs a rest slot holding modalities of
-# different biases (4 modalities), or the bias folds into the slot bias and the kernel does not change.
+# Flag variants, each alone, at the headline shapes; "keybias": rest modalities of different biases
+# (4 modalities), which the launcher keeps as separate key classes (4 class passes instead of 3).
 VARIANTS = {
     "masses": dict(return_masses=True),
     "qmask": dict(query_mask=True),
@@ -86,9 +86,9 @@ def cases() -> list[Case]:
 
 
 def dots(kernel: str, constexprs: dict) -> list[Dot] | None:
-    """One key block of the forward: S = Q K^T, then P V for each slot state (|S| + 1 static dots)."""
-    if kernel != "ar_attention_fwd_kernel":
-        return None  # the split-k merge has no dot
+    """One key block: S = Q K^T and P V, once each. Prefill runs one class at a time (one live
+    state); decode holds every class as rows of the same block, so one block is still one S, one PV."""
+    if kernel not in ("ar_prefill_kernel", "ar_decode_kernel"):
+        return None  # the classification pre-pass and the split-k merge have no dot
     bm, bn, bd = constexprs["BLOCK_M"], constexprs["BLOCK_N"], constexprs["BLOCK_D"]
-    n_slots = constexprs["NUM_BAL"] + int(bool(constexprs["HAS_REST"]))
-    return [Dot(bm, bn, bd), Dot(bm, bd, bn, count=n_slots)]
+    return [Dot(bm, bn, bd), Dot(bm, bd, bn)]

@@ -115,7 +115,8 @@ def launch_plan(len_q: int, len_k: int, head_dim: int, *, batch: int, n_q_heads:
     at a time, persistent grid); block sizes, warps, stages, the key split and the grid.
 
     float32 runs exact (IEEE) dots on CUDA cores, whose operands live in registers: narrower key
-    blocks there keep them from spilling (checked with the compiled register counts)."""
+    blocks (and for decode, 8 warps and 2 stages) keep them from spilling (checked with the compiled
+    register counts, ``python -m bench.kernel_report``)."""
     ieee = dtype == torch.float32
     block_d = max(16, _next_pow2(head_dim))
     group = n_q_heads // n_kv_heads
@@ -136,13 +137,13 @@ def launch_plan(len_q: int, len_k: int, head_dim: int, *, batch: int, n_q_heads:
         keys_per_split = _cdiv(_cdiv(max(len_k, 1), min(splits, n_blocks)), block_n) * block_n
         splits = _cdiv(max(len_k, 1), keys_per_split)
         return dict(mode="decode", block_m=max(16, _next_pow2(rows)), block_n=block_n, block_d=block_d,
-                    num_warps=8 if ieee else 4, num_stages=_DECODE_STAGES, num_splits=splits,
+                    num_warps=8 if ieee else 4, num_stages=2 if ieee else _DECODE_STAGES, num_splits=splits,
                     keys_per_split=keys_per_split, grid=(programs, splits))
 
-    if block_n is None:
-        block_n = 32 if ieee or block_d > 128 else 64
     if block_m is None:
         block_m = min(128, max(16, _next_pow2(len_q)))
+    if block_n is None:  # one warpgroup holding a 64 x 128 accumulator spills with 64-key blocks
+        block_n = 32 if ieee or block_d > 128 or (block_m == 64 and block_d == 128) else 64
     _check_block("block_m", block_m)
     _check_block("block_n", block_n)
     n_blocks = max(1, _cdiv(len_k, block_n))
@@ -256,6 +257,6 @@ def ar_attention_fwd(q, k, v, key_modality, *, num_modalities, balance, target, 
             o, masses_arg, *qmask_strides, *o.stride(), *mass_strides,
             len_q, n_q_heads, splits, c_log2, float(strength), float(threshold),
             NUM_BAL=len(balance), MP=mp, HAS_QMASK=query_mask is not None, RETURN_MASSES=return_masses,
-            BLOCK_Q=block_q, SPLIT_BLOCK=split_block, BLOCK_D=block_d, num_warps=4, **classes,
+            BLOCK_Q=block_q, SPLIT_BLOCK=split_block, BLOCK_D=block_d, num_warps=8, **classes,
         )
     return o, masses
