@@ -141,11 +141,12 @@ def test_split_edge_cases(device):
         _check(prefill, torch.float32, strength=0.9, num_splits=num_splits, **SMALL)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("scale", [-0.3, 0.0])
-def test_negative_and_zero_scale(scale, device):
-    inputs = make_ar_inputs(1, 2, 1, 20, 20, 16, device=device, layout="random", seed=25)
-    _check(inputs, torch.float32, strength=0.5, scale=scale, **SMALL)
-    _check(make_ar_inputs(1, 2, 1, 1, 20, 16, device=device, layout="random", seed=25), torch.float32,
+def test_negative_and_zero_scale(scale, dtype, device):
+    inputs = make_ar_inputs(1, 2, 1, 20, 20, 16, dtype=dtype, device=device, layout="random", seed=25)
+    _check(inputs, dtype, strength=0.5, scale=scale, **SMALL)
+    _check(make_ar_inputs(1, 2, 1, 1, 20, 16, dtype=dtype, device=device, layout="random", seed=25), dtype,
            strength=0.5, scale=scale, block_n=16)
 
 
@@ -168,6 +169,73 @@ def test_offsets_beyond_int32(device):
     inputs = dict(q=q, k=k, v=v, key_modality=ids)
     _check(inputs, torch.float16, strength=0.5, **SMALL)  # prefill
     _check(dict(inputs, q=q[:, :, -2:]), torch.float16, strength=0.5)  # decode
+
+
+# --------------------------------------------------------------------------------------------
+# DESIGN 2.2b in the kernels: sliding window, softcap, contribution balancing, per-head targets
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("window", [1, 9])
+def test_window_skips_blocks_and_masks_its_edges(window, device):
+    """70 keys in 16-key blocks: a 9-key window skips most blocks of a query block, its edges cut
+    blocks (masked like the diagonal), on pure and on mixed blocks; prefill, split prefill, decode."""
+    ids = (torch.arange(70, device=device) // 32 % 3)[None]  # pure 16-key blocks, two boundaries
+    inputs = make_ar_inputs(1, 4, 2, 70, 70, 16, device=device, seed=30)
+    inputs["key_modality"] = ids
+    for blocks in (dict(block_m=16, block_n=16), dict(block_m=32, block_n=16)):
+        _check(inputs, torch.float32, strength=0.7, window=window, **blocks)
+    _check(inputs, torch.float32, strength=0.7, window=window, num_splits=3, **SMALL)
+    inputs["key_modality"] = av_layout(70, left_pad=6)[None].to(device)  # mixed blocks, padding
+    _check(inputs, torch.float32, strength=0.7, window=window, **SMALL)
+    decode = dict(inputs, q=inputs["q"][:, :, -3:])
+    plan = _plan(decode, window=window, block_n=16, num_splits=2)
+    assert plan["mode"] == "decode" and plan["key_start"] == max(0, 70 - 3 - window + 1)
+    for num_splits in (1, 2):  # the splits cover the window's keys only
+        _check(decode, torch.float32, strength=0.7, window=window, block_n=16, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softcap_with_bias_and_saturated_scores(dtype, device):
+    """Scores of several softcaps (tanh saturated at 0.8), a static bias per modality, a negative
+    scale; prefill, split prefill and decode."""
+    inputs = make_ar_inputs(1, 4, 2, 21, 37, 16, dtype=dtype, device=device, layout="av", seed=31, score_scale=3.0)
+    kw = dict(strength=0.6, modality_bias=(0.3, -0.5, 0.2))
+    for softcap, scale in ((0.8, 1.0), (5.0, -0.4), (30.0, 0.25)):
+        _check(inputs, dtype, softcap=softcap, scale=scale, **kw, **SMALL)
+    _check(inputs, dtype, softcap=5.0, num_splits=2, **kw, **SMALL)
+    _check(dict(inputs, q=inputs["q"][:, :, -1:]), dtype, softcap=5.0, block_n=16, **kw)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_contribution_with_parked_merged_and_zero_norm_classes(num_splits, device):
+    """||vbar|| per class from the parked states (prefill) and from the merged partial states (split
+    prefill, decode); a class whose values are all zero keeps its mass."""
+    inputs = make_ar_inputs(2, 4, 2, 30, 40, 16, device=device, layout="av", seed=32)
+    kw = dict(strength=0.9, balance_by="contribution", balance=(0, 1, 2), target=(1.0, 3.0, 2.0))
+    _check(inputs, torch.float32, num_splits=num_splits, **kw, **SMALL)
+    decode = dict(inputs, q=inputs["q"][:, :, -2:])
+    _check(decode, torch.float32, num_splits=num_splits, block_n=16, **kw)
+    audio = (inputs["key_modality"] == 2)[:, None, :, None]
+    silent = dict(inputs, v=torch.where(audio, torch.zeros_like(inputs["v"]), inputs["v"]))
+    o, _ = _check(silent, torch.float32, num_splits=num_splits, **kw, **SMALL)
+    plain, _ = _run(silent, strength=0.0, num_splits=num_splits, **SMALL)
+    assert (o - plain).abs().max() > 1e-3  # text and video still moved
+
+
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_per_head_targets(num_splits, device):
+    """One target row per query head: in the prefill epilogue, in the merge, with GQA packing."""
+    g = torch.Generator().manual_seed(33)
+    inputs = make_ar_inputs(1, 7, 1, 20, 36, 16, device=device, layout="av", seed=33)
+    target = torch.rand(7, 2, generator=g) * 4 + 0.1
+    outputs = {}
+    for balance_by in ("mass", "contribution"):
+        kw = dict(strength=1.0, target=target, balance_by=balance_by, num_splits=num_splits)
+        outputs[balance_by], _ = _check(inputs, torch.float32, **kw, **SMALL)
+        _check(dict(inputs, q=inputs["q"][:, :, -3:]), torch.float32, block_n=16, **kw)
+    uniform, _ = _run(inputs, strength=1.0, num_splits=num_splits, **SMALL)
+    assert (outputs["mass"] - uniform).abs().amax(dim=(0, 2, 3)).min() > 1e-3  # every head has its target
 
 
 @pytest.mark.parametrize("causal", [True, False])

@@ -17,6 +17,7 @@ import torch
 from ..alloc import empty_output
 from ..target import interpreted, multiprocessor_count
 from ..triton_compat import fix_interpreter_index
+from .torch_backend import is_per_head
 from .triton_kernels import (
     LOG2E,
     MAX_CLASSES,
@@ -66,7 +67,8 @@ def _classes(num_modalities: int, balance: tuple, target: tuple | None, modality
     all other modalities, or one class each when ``split_rest`` or when their biases differ (a class's
     bias must be constant over its keys). class_of_mod (M,): each modality's class; class_mod
     (NSP,): each class's modality for the masses output (-1: several, or a padding column);
-    class_bias (NSP,), tau (NSP,): bias and raw target per class.
+    class_bias (NSP,): each class's bias; tau (rows, NSP): the targets per class, one row, or one per
+    query head when ``target`` holds one tuple per head.
     """
     bias = list(modality_bias) if modality_bias is not None else [0.0] * num_modalities
     rest = [m for m in range(num_modalities) if m not in balance]
@@ -82,11 +84,12 @@ def _classes(num_modalities: int, balance: tuple, target: tuple | None, modality
         for m in mods:
             class_of_mod[m] = c
     pad = [0.0] * (nsp - n_cls)
+    rows = target if is_per_head(target) else [target if target is not None else (1.0,) * len(balance)]
     return dict(
         n_cls=n_cls, nsp=nsp, class_of_mod=class_of_mod,
         class_mod=[mods[0] if len(mods) == 1 else -1 for mods in members] + [-1] * (nsp - n_cls),
         class_bias=[bias[mods[0]] for mods in members] + pad,
-        tau=(list(target) if target is not None else [1.0] * len(balance)) + [0.0] * (nsp - len(balance)),
+        tau=[list(row) + [0.0] * (nsp - len(balance)) for row in rows],
     )
 
 
@@ -108,8 +111,8 @@ def _check_block(name: str, value: int) -> int:
 
 
 def launch_plan(len_q: int, len_k: int, head_dim: int, *, batch: int, n_q_heads: int, n_kv_heads: int,
-                n_classes: int, dtype: torch.dtype, device: torch.device, block_m=None, block_n=None,
-                num_splits=None) -> dict:
+                n_classes: int, dtype: torch.dtype, device: torch.device, window: int | None = None,
+                block_m=None, block_n=None, num_splits=None) -> dict:
     """Which kernels ``ar_attention_fwd`` runs and how: ``mode`` "decode" (the rows of one block are
     classes x query heads of a KV group x queries) or "prefill" (query blocks of one head, one class
     at a time, persistent grid); block sizes, warps, stages, the key split and the grid.
@@ -126,6 +129,9 @@ def launch_plan(len_q: int, len_k: int, head_dim: int, *, batch: int, n_q_heads:
         raise ValueError(f"num_splits: expected an int >= 1, got {num_splits}")
     if block_m is None and len_q <= _DECODE_MAX_QUERIES and rows <= _DECODE_ROWS:
         block_n = _check_block("block_n", block_n if block_n is not None else (16 if ieee else 64))
+        # the keys some query can see: with a window, the last window + Lq - 1 only
+        key_start = 0 if window is None else max(0, len_k - len_q - window + 1)
+        len_k -= key_start
         n_blocks = max(1, _cdiv(len_k, block_n))
         programs = batch * n_kv_heads
         if num_splits is not None:
@@ -138,7 +144,7 @@ def launch_plan(len_q: int, len_k: int, head_dim: int, *, batch: int, n_q_heads:
         splits = _cdiv(max(len_k, 1), keys_per_split)
         return dict(mode="decode", block_m=max(16, _next_pow2(rows)), block_n=block_n, block_d=block_d,
                     num_warps=8 if ieee else 4, num_stages=2 if ieee else _DECODE_STAGES, num_splits=splits,
-                    keys_per_split=keys_per_split, grid=(programs, splits))
+                    key_start=key_start, keys_per_split=keys_per_split, grid=(programs, splits))
 
     if block_m is None:
         block_m = min(128, max(16, _next_pow2(len_q)))
@@ -166,8 +172,8 @@ def launch_plan(len_q: int, len_k: int, head_dim: int, *, batch: int, n_q_heads:
 
 
 def ar_attention_fwd(q, k, v, key_modality, *, num_modalities, balance, target, strength, threshold,
-                     modality_bias, causal, scale, query_mask, return_masses, block_m=None, block_n=None,
-                     num_splits=None):
+                     modality_bias, causal, scale, query_mask, return_masses, window=None, softcap=None,
+                     balance_by="mass", block_m=None, block_n=None, num_splits=None):
     """Runs the forward kernels; returns ``(o, masses)`` (masses None unless ``return_masses``)."""
     batch, n_q_heads, len_q, head_dim = q.shape
     n_kv_heads, len_k = k.shape[1], k.shape[2]
@@ -190,8 +196,8 @@ def ar_attention_fwd(q, k, v, key_modality, *, num_modalities, balance, target, 
     tables = _class_tables(device, num_modalities, balance, target, modality_bias, split_rest)
     n_cls, nsp = tables["n_cls"], tables["nsp"]
     plan = launch_plan(len_q, len_k, head_dim, batch=batch, n_q_heads=n_q_heads, n_kv_heads=n_kv_heads,
-                       n_classes=n_cls, dtype=q.dtype, device=device, block_m=block_m, block_n=block_n,
-                       num_splits=num_splits)
+                       n_classes=n_cls, dtype=q.dtype, device=device, window=window, block_m=block_m,
+                       block_n=block_n, num_splits=num_splits)
     block_m, block_n, block_d, splits = plan["block_m"], plan["block_n"], plan["block_d"], plan["num_splits"]
     interpreter_bf16 = q.dtype == torch.bfloat16 and interpreted(device)
     # fp32: ieee dots (no tf32 rounding). bf16 in the Triton interpreter (whose dot multiplies bf16 as
@@ -199,11 +205,17 @@ def ar_attention_fwd(q, k, v, key_modality, *, num_modalities, balance, target, 
     numerics = dict(DOT_PREC="ieee" if q.dtype == torch.float32 or interpreter_bf16 else "tf32",
                     DOT_UPCAST=interpreter_bf16)
     # Raw scores q.k inside the kernels; |scale| * log2(e) in the exponent, a negative scale negates q.
-    # A zero scale (every score equal) runs as 1e-30: the same softmax to ~1e-26.
-    c_log2 = max(abs(float(scale)) * LOG2E, 1e-30)
-    neg_scale = float(scale) < 0
+    # A zero scale (every score equal) runs as 1e-30: the same softmax to ~1e-26. With a softcap the
+    # kernels compute softcap * tanh(|scale| * q.k / softcap), in natural units.
+    qk_scale = abs(float(scale))
+    c_log2 = LOG2E if softcap is not None else max(qk_scale * LOG2E, 1e-30)
     mp = _next_pow2(num_modalities)
     classes = dict(HEAD_DIM=head_dim, NUM_MOD=num_modalities, NUM_CLS=n_cls, NSP=nsp)
+    scores = dict(CAUSAL=causal, WINDOW=window is not None, SOFTCAP=softcap is not None, NEG_SCALE=float(scale) < 0)
+    score_args = (window or 0, qk_scale, float(softcap or 1.0))
+    balancing = dict(NUM_BAL=len(balance), MP=mp, BY_CONTRIBUTION=balance_by == "contribution",
+                     HAS_QMASK=query_mask is not None, RETURN_MASSES=return_masses)
+    tau_head_stride = nsp if len(tables["tau"]) > 1 else 0  # per-head targets: one table row per head
     masses_arg = masses if masses is not None else o
     mass_strides = masses.stride() if masses is not None else (0, 0, 0, 0)
     qmask = query_mask.view(torch.uint8) if query_mask is not None else tables["class_of_mod_t"]  # dummy if absent
@@ -221,9 +233,9 @@ def ar_attention_fwd(q, k, v, key_modality, *, num_modalities, balance, target, 
         ar_decode_kernel[plan["grid"]](
             q, k, v, key_modality, tables["class_of_mod_t"], part_m, part_l, part_acc,
             *q.stride(), *k.stride(), *v.stride(), *key_modality.stride(),
-            len_q, len_k, n_q_heads, n_kv_heads, n_q_heads // n_kv_heads, plan["keys_per_split"], splits, c_log2,
-            CAUSAL=causal, NEG_SCALE=neg_scale, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-            num_warps=plan["num_warps"], num_stages=plan["num_stages"], **numerics, **classes,
+            len_q, len_k, n_q_heads, n_kv_heads, n_q_heads // n_kv_heads, plan["key_start"], plan["keys_per_split"],
+            splits, *score_args, c_log2, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+            num_warps=plan["num_warps"], num_stages=plan["num_stages"], **scores, **numerics, **classes,
         )
     else:
         n_kblocks = plan["n_kblocks"]
@@ -236,27 +248,26 @@ def ar_attention_fwd(q, k, v, key_modality, *, num_modalities, balance, target, 
             NUM_MOD=num_modalities, NUM_CLS=n_cls, NSP=nsp, BLOCK_N=block_n, CHUNK=_CLASSIFY_CHUNK, num_warps=4,
         )
         n_prog = plan["grid"][0]
-        # Per program: parked accumulators of all classes but the last one, and every class's max and sum.
+        # Per program: parked accumulators of all classes but the last one, and every class's max, sum
+        # and accumulator norm.
         park = o if splits > 1 else torch.empty(
-            n_prog * ((n_cls - 1) * block_d + 2 * n_cls) * block_m, dtype=torch.float32, device=device)
+            n_prog * ((n_cls - 1) * block_d + 3 * n_cls) * block_m, dtype=torch.float32, device=device)
         ar_prefill_kernel[plan["grid"]](
             q, k, v, qmask, key_cls, lists, pref, tables["class_bias_t"], tables["tau_t"], tables["class_mod_t"],
             o, masses_arg, park, part_m, part_l, part_acc,
-            *q.stride(), *k.stride(), *v.stride(), *qmask_strides, *o.stride(), *mass_strides,
+            *q.stride(), *k.stride(), *v.stride(), *qmask_strides, *o.stride(), *mass_strides, tau_head_stride,
             len_q, len_k, n_q_heads, n_q_heads // n_kv_heads, n_kblocks, plan["n_qblocks"], bh, plan["n_tiles"],
-            plan["blocks_per_split"], splits, c_log2, float(strength), float(threshold),
-            NUM_BAL=len(balance), MP=mp, CAUSAL=causal, NEG_SCALE=neg_scale, HAS_QMASK=query_mask is not None,
-            RETURN_MASSES=return_masses, SPLIT=splits > 1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-            num_warps=plan["num_warps"], num_stages=plan["num_stages"], **numerics, **classes,
+            plan["blocks_per_split"], splits, *score_args, c_log2, float(strength), float(threshold),
+            SPLIT=splits > 1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=plan["num_warps"],
+            num_stages=plan["num_stages"], **scores, **balancing, **numerics, **classes,
         )
     if use_merge:
         split_block = min(_next_pow2(splits), _MERGE_SPLIT_BLOCK)
         block_q = max(1, min(_next_pow2(len_q), _MERGE_TILE // (split_block * block_d)))
         ar_split_merge_kernel[(_cdiv(len_q, block_q), bh)](
             part_m, part_l, part_acc, qmask, tables["class_bias_t"], tables["tau_t"], tables["class_mod_t"],
-            o, masses_arg, *qmask_strides, *o.stride(), *mass_strides,
+            o, masses_arg, *qmask_strides, *o.stride(), *mass_strides, tau_head_stride,
             len_q, n_q_heads, splits, c_log2, float(strength), float(threshold),
-            NUM_BAL=len(balance), MP=mp, HAS_QMASK=query_mask is not None, RETURN_MASSES=return_masses,
-            BLOCK_Q=block_q, SPLIT_BLOCK=split_block, BLOCK_D=block_d, num_warps=8, **classes,
+            BLOCK_Q=block_q, SPLIT_BLOCK=split_block, BLOCK_D=block_d, num_warps=8, **balancing, **classes,
         )
     return o, masses

@@ -28,7 +28,13 @@ updates all classes with one masked dot. Partial states of each key split go to
 Units. Scores are kept raw (``q.k``, no scale) inside a pass: ``p = exp2((qk - m) * c_log2)`` with
 ``c_log2 = |scale| * log2(e)``. ``qk - m`` is exact for the keys that matter, so logits ~1e4 keep
 their float32 precision; a negative scale negates q, so the running max stays a max. Class maxima
-are compared through exact differences ``(m_c - m_top) * c_log2`` for the same reason.
+are compared through exact differences ``(m_c - m_top) * c_log2`` for the same reason. With a
+softcap the scores are ``softcap * tanh(|scale| * qk / softcap)`` (natural units, c_log2 = log2(e)).
+
+DESIGN 2.2b. A sliding window bounds the key blocks a pass visits (blocks before the window of the
+block's first query are never loaded) and masks only the blocks on its edge. Contribution balancing
+needs ``||vbar_c||``: each class's accumulator norm is kept with its max and sum. Per-head targets
+are one row of the target table per query head.
 """
 
 from __future__ import annotations
@@ -53,6 +59,16 @@ def _dot(a, b, acc, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _softcapped(qk, qk_scale, softcap):
+    """softcap * tanh(qk * qk_scale / softcap) through exp2 (absolute error ~1e-7 * softcap; the
+    interpreter has no tanh): tanh(x) = sign(x) * (1 - e) / (1 + e), e = exp(-2|x|)."""
+    x = qk * (qk_scale / softcap)
+    e = tl.exp2(tl.abs(x) * -2.8853900817779268)  # exp(-2|x|)
+    t = (1.0 - e) / (1.0 + e)
+    return softcap * tl.where(x < 0, -t, t)
 
 
 @triton.jit
@@ -81,11 +97,12 @@ def _col(x, c, N: tl.constexpr):
 
 
 @triton.jit
-def _reallocate(m_all, l_all, selected, class_bias_ptr, tau_ptr, c_log2, strength, threshold,
-                NUM_BAL: tl.constexpr, NSP: tl.constexpr):
-    """DESIGN 2.2 steps 2-4 from the final class states.
+def _reallocate(m_all, l_all, n_all, selected, class_bias_ptr, tau_ptr, c_log2, strength, threshold,
+                NUM_BAL: tl.constexpr, NSP: tl.constexpr, BY_CONTRIBUTION: tl.constexpr):
+    """DESIGN 2.2 steps 2-4 and 2.2b (contribution balancing) from the final class states.
 
-    m_all, l_all [BM, NSP]: per-class raw max (-inf: no visible key) and sum relative to it.
+    m_all, l_all [BM, NSP]: per-class max (-inf: no visible key) and sum relative to it; n_all: the
+    norm of each class's accumulator (read with BY_CONTRIBUTION only); tau_ptr: this head's targets.
     Returns the masses per class [BM, NSP] and the weights w [BM, NSP] with o = sum_c w_c * acc_c.
     """
     cols = tl.arange(0, NSP)
@@ -106,14 +123,24 @@ def _reallocate(m_all, l_all, selected, class_bias_ptr, tau_ptr, c_log2, strengt
 
     tau = tl.load(tau_ptr + cols, mask=cols < NUM_BAL, other=0.0)  # [NSP]
     in_s = present & (cols < NUM_BAL)[None, :]  # S_i
+    amount = mass  # what is balanced: P, or c = P * ||vbar||
+    if BY_CONTRIBUTION:
+        norm = tl.where(present, n_all / tl.where(present, l_all, 1.0), 0.0)  # ||vbar_c||
+        in_s = in_s & (norm > 0)  # a class with ||vbar|| = 0 keeps its mass
+        amount = mass * norm
     n_s = tl.sum(in_s.to(tl.int32), 1)
-    mass_s = tl.sum(tl.where(in_s, mass, 0.0), 1)  # [BM] P_{i,S_i}
+    total = tl.sum(tl.where(in_s, amount, 0.0), 1)  # [BM] over S_i
     tau_i = tl.where(in_s, tau[None, :], 0.0)
-    tau_i = tau_i / tl.maximum(tl.sum(tau_i, 1), 1e-30)[:, None]  # renormalised over S_i
-    sigma = mass / tl.maximum(mass_s, 1e-30)[:, None]
+    tau_sum = tl.sum(tau_i, 1)
+    tau_i = tau_i / tl.maximum(tau_sum, 1e-30)[:, None]  # renormalised over S_i
+    sigma = amount / tl.maximum(total, 1e-30)[:, None]
     deviation = tl.max(tl.where(in_s, sigma - tau_i, float("-inf")), 1)
-    apply = (n_s >= 2) & (mass_s > 0) & (deviation > threshold) & selected
-    moved = (1.0 - strength) * mass + strength * mass_s[:, None] * tau_i
+    apply = (n_s >= 2) & (total > 0) & (tau_sum > 0) & (deviation > threshold) & selected
+    moved = (1.0 - strength) * amount + strength * total[:, None] * tau_i  # the new amounts in S_i
+    if BY_CONTRIBUTION:  # back to masses: P'_c proportional to c'_c / ||vbar_c||, P_{S_i} kept
+        weight = tl.where(in_s, moved / tl.where(in_s, norm, 1.0), 0.0)
+        mass_s = tl.sum(tl.where(in_s, mass, 0.0), 1)
+        moved = weight * (mass_s / tl.maximum(tl.sum(weight, 1), 1e-30))[:, None]
     new_mass = tl.where(in_s & apply[:, None], moved, mass)
     w = tl.where(present, new_mass / tl.where(present, l_all, 1.0), 0.0)  # [BM, NSP]
     return mass, w
@@ -195,10 +222,13 @@ def ar_classify_kernel(
 
 @triton.jit
 def _class_pass(q, k_base, v_base, stride_kl, stride_kd, stride_vl, stride_vd, key_cls_row, list_row,
-                e_lo, e_hi, c, full_blk, q_pos, len_k, c_log2, d,
-                HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr):
-    """Online softmax of the query block over the keys of class c: list entries [e_lo, e_hi)."""
+                e_lo, e_hi, c, full_blk, window_blk, q_pos, len_k, window, qk_scale, softcap, c_log2, d,
+                HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+                DOT_UPCAST: tl.constexpr):
+    """Online softmax of the query block over the keys of class c: list entries [e_lo, e_hi).
+    Blocks before full_blk are visible to every row (causal); with a window, blocks from window_blk
+    on are inside every row's window."""
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # [BM]
     l_i = tl.zeros([BLOCK_M], tl.float32)  # [BM]
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # [BM, BD]
@@ -215,13 +245,19 @@ def _class_pass(q, k_base, v_base, stride_kl, stride_kd, stride_vl, stride_vd, k
         v = tl.load(v_base + keys64[:, None] * stride_vl + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
         key_cls = tl.load(key_cls_row + keys)  # [BN]; rows hold whole blocks
         qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), DOT_PREC, DOT_UPCAST)  # [BM, BN]
+        if SOFTCAP:
+            qk = _softcapped(qk, qk_scale, softcap)
         masked = (entry & 1) != 0
         if CAUSAL:
             masked = masked | (blk >= full_blk)
-        if masked:  # mixed or diagonal block: other classes, padding, tail, future keys
+        if WINDOW:
+            masked = masked | (blk < window_blk)
+        if masked:  # mixed, diagonal or window-edge block: other classes, padding, tail, future keys
             visible = (key_cls == c)[None, :]
             if CAUSAL:
                 visible = visible & (keys[None, :] <= q_pos[:, None])
+            if WINDOW:
+                visible = visible & (keys[None, :] > q_pos[:, None] - window)
             qk = tl.where(visible, qk, float("-inf"))
         m_i, l_i, acc = _online_step(m_i, l_i, acc, qk, v, c_log2, DOT_PREC, DOT_UPCAST)
     return m_i, l_i, acc
@@ -236,14 +272,14 @@ def ar_prefill_kernel(
     stride_vb, stride_vh, stride_vl, stride_vd,
     stride_qmb, stride_qml,
     stride_ob, stride_oh, stride_ol, stride_od,
-    stride_mb, stride_mh, stride_ml, stride_mm,
+    stride_mb, stride_mh, stride_ml, stride_mm, stride_tau_h,
     len_q, len_k, n_q_heads, group, n_kblocks, n_qblocks, n_bh, n_tiles, blocks_per_split, num_splits,
-    c_log2, strength, threshold,
+    window, qk_scale, softcap, c_log2, strength, threshold,
     HEAD_DIM: tl.constexpr, NUM_MOD: tl.constexpr, NUM_CLS: tl.constexpr, NUM_BAL: tl.constexpr,
-    NSP: tl.constexpr, MP: tl.constexpr, CAUSAL: tl.constexpr, NEG_SCALE: tl.constexpr,
-    HAS_QMASK: tl.constexpr, RETURN_MASSES: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
-    DOT_UPCAST: tl.constexpr,
+    NSP: tl.constexpr, MP: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    NEG_SCALE: tl.constexpr, BY_CONTRIBUTION: tl.constexpr, HAS_QMASK: tl.constexpr,
+    RETURN_MASSES: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     """Persistent grid (programs,). Tile t = (query block, batch * head, split), query blocks from
     the last (most keys under causal masking) to the first; program p takes one tile per round,
@@ -251,10 +287,12 @@ def ar_prefill_kernel(
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     d = tl.arange(0, BLOCK_D)
-    # This program's scratch: parked accumulators of classes 0..C-2 [C-1, BM, BD], then m and l [C, BM].
-    park_acc = park_ptr + pid.to(tl.int64) * ((NUM_CLS - 1) * BLOCK_M * BLOCK_D + 2 * NUM_CLS * BLOCK_M)
+    # This program's scratch: parked accumulators of classes 0..C-2 [C-1, BM, BD], then the max, sum
+    # and accumulator norm of every class [C, BM] each.
+    park_acc = park_ptr + pid.to(tl.int64) * ((NUM_CLS - 1) * BLOCK_M * BLOCK_D + 3 * NUM_CLS * BLOCK_M)
     park_m = park_acc + (NUM_CLS - 1) * BLOCK_M * BLOCK_D
     park_l = park_m + NUM_CLS * BLOCK_M
+    park_n = park_l + NUM_CLS * BLOCK_M
     n_rounds = (n_tiles + n_prog - 1) // n_prog
     for rnd in range(0, n_rounds):
         tile = rnd * n_prog + tl.where(rnd % 2 == 0, pid, n_prog - 1 - pid)
@@ -275,8 +313,8 @@ def ar_prefill_kernel(
                 q_mask = q_mask & (d < HEAD_DIM)[None, :]
             q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows.to(tl.int64)[:, None] * stride_ql
                         + d[None, :] * stride_qd, mask=q_mask, other=0.0)  # [BM, BD]
-            if NEG_SCALE:
-                q = -q
+            if NEG_SCALE:  # through float32: the interpreter holds bf16 as raw 16-bit integers
+                q = (-q.to(tl.float32)).to(q.dtype)
             first_pos = len_k - len_q + q_blk * BLOCK_M  # bottom-right causal alignment
             q_pos = first_pos + r  # [BM]; < 0: sees no key
             lo_blk = split * blocks_per_split
@@ -285,6 +323,10 @@ def ar_prefill_kernel(
             if CAUSAL:
                 hi_blk = tl.minimum(hi_blk, (tl.maximum(first_pos + BLOCK_M, 0) + BLOCK_N - 1) // BLOCK_N)
                 full_blk = tl.maximum(first_pos + 1, 0) // BLOCK_N
+            window_blk = 0  # blocks from it on lie inside every row's window
+            if WINDOW:  # blocks before the first row's window are skipped, not masked
+                lo_blk = tl.maximum(lo_blk, tl.maximum(first_pos - window + 1, 0) // BLOCK_N)
+                window_blk = (tl.maximum(first_pos + BLOCK_M - window, 0) + BLOCK_N - 1) // BLOCK_N
             hi_blk = tl.maximum(hi_blk, lo_blk)
 
             # Classes with key blocks in range; the last of them stays live, the others are parked.
@@ -307,8 +349,8 @@ def ar_prefill_kernel(
                     m_i, l_i, acc = _class_pass(
                         q, k_base, v_base, stride_kl, stride_kd, stride_vl, stride_vd, key_cls_row,
                         list_ptr + table * n_kblocks, tl.load(pref_row + lo_blk), tl.load(pref_row + hi_blk), c,
-                        full_blk, q_pos, len_k, c_log2, d, HEAD_DIM, CAUSAL, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PREC,
-                        DOT_UPCAST)
+                        full_blk, window_blk, q_pos, len_k, window, qk_scale, softcap, c_log2, d, HEAD_DIM, CAUSAL,
+                        WINDOW, SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PREC, DOT_UPCAST)
                     if SPLIT:
                         off = _part_offsets(bh, split, num_splits, c, rows, len_q, NSP)
                         tl.store(part_m_ptr + off, m_i, mask=row_ok)
@@ -317,6 +359,8 @@ def ar_prefill_kernel(
                     else:
                         tl.store(park_m + c * BLOCK_M + r, m_i)
                         tl.store(park_l + c * BLOCK_M + r, l_i)
+                        if BY_CONTRIBUTION:
+                            tl.store(park_n + c * BLOCK_M + r, tl.sqrt(tl.sum(acc * acc, 1)))
                         if c != last:  # parked until the end of the tile
                             tl.store(park_acc + c * (BLOCK_M * BLOCK_D) + r[:, None] * BLOCK_D + d[None, :], acc)
                 elif SPLIT:  # the merge reads every class of every split: no key here
@@ -331,12 +375,15 @@ def ar_prefill_kernel(
                 park_off = cls[None, :] * BLOCK_M + r[:, None]  # [BM, NSP]
                 m_all = tl.load(park_m + park_off, mask=in_tile, other=float("-inf"))  # [BM, NSP]
                 l_all = tl.load(park_l + park_off, mask=in_tile, other=0.0)
+                n_all = l_all
+                if BY_CONTRIBUTION:
+                    n_all = tl.load(park_n + park_off, mask=in_tile, other=0.0)
                 selected = row_ok
                 if HAS_QMASK:
                     selected = tl.load(qmask_ptr + b * stride_qmb + rows.to(tl.int64) * stride_qml,
                                        mask=row_ok, other=0) != 0
-                mass, w = _reallocate(m_all, l_all, selected, class_bias_ptr, tau_ptr, c_log2, strength,
-                                      threshold, NUM_BAL, NSP)
+                mass, w = _reallocate(m_all, l_all, n_all, selected, class_bias_ptr, tau_ptr + h * stride_tau_h,
+                                      c_log2, strength, threshold, NUM_BAL, NSP, BY_CONTRIBUTION)
                 o = acc * _col(w, last, NSP)[:, None]  # [BM, BD]
                 for c in range(NUM_CLS):
                     if (c != last) & (((seen >> c) & 1) != 0):
@@ -360,14 +407,17 @@ def ar_decode_kernel(
     stride_kb, stride_kh, stride_kl, stride_kd,
     stride_vb, stride_vh, stride_vl, stride_vd,
     stride_modb, stride_modl,
-    len_q, len_k, n_q_heads, n_kv_heads, group, keys_per_split, num_splits, c_log2,
+    len_q, len_k, n_q_heads, n_kv_heads, group, key_start, keys_per_split, num_splits, window, qk_scale,
+    softcap, c_log2,
     HEAD_DIM: tl.constexpr, NUM_MOD: tl.constexpr, NUM_CLS: tl.constexpr, NSP: tl.constexpr,
-    CAUSAL: tl.constexpr, NEG_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, NEG_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
 ):
     """Grid (B * Hkv, splits). Row r of the block is (class c, query head g of the KV group, query i),
     r = (c * group + g) * Lq + i: one online-softmax state per row over the keys of class c in the
-    split's key range [split * keys_per_split, ...). Writes the partial states for the merge."""
+    split's key range [key_start + split * keys_per_split, ...) (key_start: the first key any query's
+    window reaches). Writes the partial states for the merge."""
     pid_bkv = tl.program_id(0)
     split = tl.program_id(1)
     b = (pid_bkv // n_kv_heads).to(tl.int64)
@@ -385,13 +435,13 @@ def ar_decode_kernel(
         q_mask = q_mask & (d < HEAD_DIM)[None, :]
     q = tl.load(q_ptr + b * stride_qb + h[:, None] * stride_qh + qi.to(tl.int64)[:, None] * stride_ql
                 + d[None, :] * stride_qd, mask=q_mask, other=0.0)  # [BM, BD], each query once per class
-    if NEG_SCALE:
-        q = -q
+    if NEG_SCALE:  # through float32: the interpreter holds bf16 as raw 16-bit integers
+        q = (-q.to(tl.float32)).to(q.dtype)
     q_pos = len_k - len_q + qi  # [BM]
 
     k_base = k_ptr + b * stride_kb + kvh * stride_kh
     v_base = v_ptr + b * stride_vb + kvh * stride_vh
-    lo = split * keys_per_split
+    lo = key_start + split * keys_per_split
     hi = tl.minimum(lo + keys_per_split, len_k)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -409,9 +459,13 @@ def ar_decode_kernel(
         valid = (mod >= 0) & (mod < NUM_MOD)  # out-of-range ids are padding
         key_cls = tl.where(valid, tl.load(class_of_mod_ptr + tl.where(valid, mod, 0).to(tl.int32)), -1)
         qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), DOT_PREC, DOT_UPCAST)
+        if SOFTCAP:
+            qk = _softcapped(qk, qk_scale, softcap)
         visible = key_cls[None, :] == row_cls[:, None]  # [BM, BN]
         if CAUSAL:
             visible = visible & (keys[None, :] <= q_pos[:, None])
+        if WINDOW:
+            visible = visible & (keys[None, :] > q_pos[:, None] - window)
         qk = tl.where(visible, qk, float("-inf"))
         m_i, l_i, acc = _online_step(m_i, l_i, acc, qk, v, c_log2, DOT_PREC, DOT_UPCAST)
 
@@ -432,11 +486,11 @@ def ar_split_merge_kernel(
     o_ptr, masses_ptr,
     stride_qmb, stride_qml,
     stride_ob, stride_oh, stride_ol, stride_od,
-    stride_mb, stride_mh, stride_ml, stride_mm,
+    stride_mb, stride_mh, stride_ml, stride_mm, stride_tau_h,
     len_q, n_q_heads, num_splits, c_log2, strength, threshold,
     HEAD_DIM: tl.constexpr, NUM_MOD: tl.constexpr, NUM_CLS: tl.constexpr, NUM_BAL: tl.constexpr,
-    NSP: tl.constexpr, MP: tl.constexpr, HAS_QMASK: tl.constexpr, RETURN_MASSES: tl.constexpr,
-    BLOCK_Q: tl.constexpr, SPLIT_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+    NSP: tl.constexpr, MP: tl.constexpr, BY_CONTRIBUTION: tl.constexpr, HAS_QMASK: tl.constexpr,
+    RETURN_MASSES: tl.constexpr, BLOCK_Q: tl.constexpr, SPLIT_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Grid (cdiv(Lq, BLOCK_Q), B * Hq). Merges the partial states of every class over the splits
     exactly (max, rescaled sums and accumulators), then reallocates and writes o and the masses.
@@ -472,11 +526,26 @@ def ar_split_merge_kernel(
         l_s = tl.load(part_l_ptr + off, mask=ok, other=0.0)
         l_all += tl.sum(l_s * tl.exp2((m_s - m_ref) * c_log2), 1)
 
+    n_all = l_all
+    if BY_CONTRIBUTION:  # the norm of each class's merged accumulator: one more pass over them
+        n_all = tl.zeros([BLOCK_Q, NSP], tl.float32)
+        for c in range(NUM_CLS):
+            acc_c = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+            for s0 in range(0, num_splits, SPLIT_BLOCK):
+                sp3 = (s0 + splits)[None, :, None]
+                ok = row_ok[:, None, None] & (sp3 < num_splits) & (cls3 < NUM_CLS)
+                off = ((base + sp3) * NSP + cls3) * len_q + rows3
+                m_s = tl.load(part_m_ptr + off, mask=ok, other=float("-inf"))
+                rescale = tl.where(m_s > float("-inf"), tl.exp2((m_s - m_ref) * c_log2), 0.0)
+                f_c = tl.sum(tl.where(cls3 == c, rescale, 0.0), 2)[:, :, None]  # [BQ, SB, 1]
+                acc_off = (((base + sp3) * NSP + c) * len_q + rows3) * BLOCK_D + d[None, None, :]
+                acc_c += tl.sum(f_c * tl.load(part_acc_ptr + acc_off, mask=f_c != 0, other=0.0), 1)
+            n_all = tl.where(cls[None, :] == c, tl.sqrt(tl.sum(acc_c * acc_c, 1))[:, None], n_all)
     selected = row_ok
     if HAS_QMASK:
         selected = tl.load(qmask_ptr + b * stride_qmb + rows.to(tl.int64) * stride_qml, mask=row_ok, other=0) != 0
-    mass, w = _reallocate(m_all, l_all, selected, class_bias_ptr, tau_ptr, c_log2, strength, threshold,
-                          NUM_BAL, NSP)
+    mass, w = _reallocate(m_all, l_all, n_all, selected, class_bias_ptr, tau_ptr + h * stride_tau_h, c_log2,
+                          strength, threshold, NUM_BAL, NSP, BY_CONTRIBUTION)
 
     # Pass 2: o = sum over splits and classes of w_c * exp2(m_cs - m_c) * acc_cs.
     o = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
