@@ -529,7 +529,7 @@ def ar_split_merge_kernel(
     n_all = l_all
     if BY_CONTRIBUTION:  # the norm of each class's merged accumulator: one more pass over them
         n_all = tl.zeros([BLOCK_Q, NSP], tl.float32)
-        for c in range(NUM_CLS):
+        for c in tl.static_range(NUM_CLS):  # static: column c is a register, not an indexed array
             acc_c = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
             for s0 in range(0, num_splits, SPLIT_BLOCK):
                 sp3 = (s0 + splits)[None, :, None]
@@ -556,7 +556,7 @@ def ar_split_merge_kernel(
         m_s = tl.load(part_m_ptr + off, mask=ok, other=float("-inf"))
         # 0 where a split saw no key of the class: it wrote no accumulator there, which is not read
         factor = tl.where(m_s > float("-inf"), w[:, None, :] * tl.exp2((m_s - m_ref) * c_log2), 0.0)
-        for c in range(NUM_CLS):
+        for c in tl.static_range(NUM_CLS):  # static: column c is a register, not an indexed array
             f_c = tl.sum(tl.where(cls3 == c, factor, 0.0), 2)[:, :, None]  # [BQ, SB, 1]
             acc_off = (((base + sp3) * NSP + c) * len_q + rows3) * BLOCK_D + d[None, None, :]  # [BQ, SB, BD]
             acc = tl.load(part_acc_ptr + acc_off, mask=f_c != 0, other=0.0)
