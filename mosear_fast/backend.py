@@ -8,6 +8,8 @@ user never imports triton.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
 import importlib.util
 import os
@@ -23,6 +25,10 @@ _IMPLEMENTATIONS: dict[str, dict[str, str | None]] = {
         "torch": "mosear_fast.kernels.mose.torch_backend:mose_lora_torch",
         "triton": "mosear_fast.kernels.mose.function:mose_lora_triton",
     },
+    "mose_linear": {
+        "torch": "mosear_fast.kernels.mose.torch_linear:mose_linear_torch",
+        "triton": "mosear_fast.kernels.mose.function:mose_linear_triton",
+    },
     "ar_attention": {
         "torch": "mosear_fast.kernels.ar_attention.torch_backend:ar_attention_torch",
         "triton": "mosear_fast.kernels.ar_attention.function:ar_attention_triton",
@@ -32,8 +38,30 @@ _IMPLEMENTATIONS: dict[str, dict[str, str | None]] = {
 # static-shape form of the op (no NonZero, no host-side sizes): internal, not a user-selectable backend.
 _EXPORT_IMPLEMENTATIONS = {
     "mose_lora": "mosear_fast.kernels.mose.static:mose_lora_static",
+    "mose_linear": "mosear_fast.kernels.mose.static:mose_linear_static",
     "ar_attention": "mosear_fast.kernels.ar_attention.static:ar_attention_static",
 }
+
+
+# Replacements of the export forms installed by ``export_forms`` (mosear-export --ops fused: one
+# custom node per op); empty outside that context.
+_EXPORT_OVERRIDES: dict[str, Callable] = {}
+
+
+@contextlib.contextmanager
+def export_forms(**forms: Callable):
+    """While the context is open, an export traces ``op`` through ``forms[op]`` instead of its static
+    form (same arguments as the static form). Used by the exporter, not a user-selectable backend."""
+    unknown = set(forms) - set(_EXPORT_IMPLEMENTATIONS)
+    if unknown:
+        raise ValueError(f"forms: unknown ops {sorted(unknown)}; expected some of {sorted(_EXPORT_IMPLEMENTATIONS)}")
+    previous = dict(_EXPORT_OVERRIDES)
+    _EXPORT_OVERRIDES.update(forms)
+    try:
+        yield
+    finally:
+        _EXPORT_OVERRIDES.clear()
+        _EXPORT_OVERRIDES.update(previous)
 
 
 def is_exporting() -> bool:
@@ -46,7 +74,9 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.cache
 def triton_available() -> bool:
+    # cached: find_spec searches sys.path (tens of microseconds, paid on every op call otherwise)
     return importlib.util.find_spec("triton") is not None
 
 
@@ -56,8 +86,8 @@ def resolve_backend(op: str, backend: str, device: torch.device) -> str:
         raise TypeError(f"backend: expected one of {BACKENDS}, got {type(backend).__name__}")
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    has_triton = _IMPLEMENTATIONS[op]["triton"] is not None and triton_available()
     if backend == "auto":
+        has_triton = _IMPLEMENTATIONS[op]["triton"] is not None and triton_available()
         return "triton" if device.type == "cuda" and has_triton else "torch"
     if backend == "triton":
         if _IMPLEMENTATIONS[op]["triton"] is None:
@@ -76,8 +106,15 @@ def implementation(op: str, backend: str, device: torch.device) -> Callable:
     if is_exporting():
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        if op in _EXPORT_OVERRIDES:
+            return _EXPORT_OVERRIDES[op]
         target = _EXPORT_IMPLEMENTATIONS[op]
     else:
         target = _IMPLEMENTATIONS[op][resolve_backend(op, backend, device)]
+    return _load(target)
+
+
+@functools.cache
+def _load(target: str) -> Callable:
     module, _, name = target.partition(":")
     return getattr(importlib.import_module(module), name)

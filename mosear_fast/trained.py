@@ -55,12 +55,24 @@ def adapter_state_dict(model_or_state) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_adapter(model, path: str | os.PathLike) -> None:
-    """Load an adapter file into ``model`` (in place). Every adapter tensor of the model must be in the
-    file with its shape, and the file must hold nothing else: a mismatch is a ValueError naming it."""
+def read_safetensors(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a file that is not one (truncated, another format) is a
+    ValueError naming it and ``what`` it should be, not the library's own error."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    tensors = load_file(str(path))
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: not a readable safetensors file ({what}): {reason}") from None
+
+
+def load_adapter(model, path: str | os.PathLike) -> None:
+    """Load an adapter file into ``model`` (in place). Every adapter tensor of the model must be in the
+    file with its shape, and the file must hold nothing else: a mismatch, or a file that is not
+    safetensors, is a ValueError naming it."""
+    tensors = read_safetensors(path, "the MoSE adapter tensors")
     expected = adapter_state_dict(model)
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -109,8 +121,6 @@ def read_configs(folder: str | os.PathLike):
 def load_backbone(folder: str | os.PathLike, reference: dict | None = None):
     """The frozen backbone (an ``AudioVisualLM``, eval mode) described by ``folder/backbone.json``
     (or by ``reference``, its content)."""
-    from safetensors.torch import load_file
-
     from .av_model import build_demo_model
 
     folder = Path(folder)
@@ -123,7 +133,12 @@ def load_backbone(folder: str | os.PathLike, reference: dict | None = None):
         path = folder / ref["weights"]
         if not path.is_file():
             raise ValueError(f"{folder / BACKBONE_FILE}: weights file {path} does not exist")
-        model.load_state_dict(load_file(str(path)), strict=True)
+        state = read_safetensors(path, "the backbone weights backbone.json names")
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as err:  # missing/unexpected keys or shapes: another backbone's weights
+            raise ValueError(f"{path}: the weights do not fit the backbone of {folder / BACKBONE_FILE} "
+                             f"({str(err).strip().splitlines()[0]})") from None
     return model.eval()
 
 
@@ -149,5 +164,5 @@ def load_trained(folder: str | os.PathLike, *, ar: bool = True):
 __all__ = [
     "ADAPTER_FILE", "ADAPTER_MARK", "AR_CONFIG_FILE", "BACKBONE_FILE", "BACKBONE_FORMAT", "BACKBONE_WEIGHTS_FILE",
     "BUILDER", "MOSE_CONFIG_FILE", "adapter_state_dict", "is_trained_folder", "load_adapter", "load_backbone",
-    "load_trained", "read_configs", "read_json",
+    "load_trained", "read_configs", "read_json", "read_safetensors",
 ]

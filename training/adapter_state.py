@@ -23,7 +23,7 @@ __all__ = ["ADAPTER_FILE", "ADAPTER_MARK", "adapter_state_dict", "load_adapter",
 
 def mose_adapters(model) -> list:
     """Every ``MoSEAdapter`` of ``model``, in module order (the same order on every rank)."""
-    from mosear_fast.mose_linear import MoSEAdapter
+    from mosear_fast.mose_layer import MoSEAdapter
 
     return [m for m in model.modules() if isinstance(m, MoSEAdapter)]
 

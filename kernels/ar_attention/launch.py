@@ -15,8 +15,8 @@ import functools
 import torch
 
 from ..alloc import empty_output
+from ..interpreter_compat import install as _install_interpreter_fix
 from ..target import interpreted, multiprocessor_count
-from ..triton_compat import fix_interpreter_index
 from .torch_backend import is_per_head
 from .triton_kernels import (
     LOG2E,
@@ -27,7 +27,7 @@ from .triton_kernels import (
     ar_split_merge_kernel,
 )
 
-fix_interpreter_index()
+_install_interpreter_fix()
 
 # Decode kernel for a few queries (decode, speculative verification) when (classes x query heads per
 # KV head x queries) fit in one block of this many rows; longer query runs go to the prefill kernel.
