@@ -371,7 +371,7 @@ def test_fused_path_under_gradient_checkpointing_updates_the_weights_once():
         for step in range(2):
             torch.manual_seed(step)
             ids = torch.randint(-1, 3, (2, 7))
-            context.begin_forward(ids, batch=2, q_len=7, past=0, attention_mask=None, device="cpu")
+            context.begin_forward(ids, batch=2, q_len=7, past=0, visible=None, device="cpu")
             x = torch.randn(2, 7, 8, requires_grad=True)
             y = checkpoint(layer, x, use_reentrant=False)
             ema_after.append(layer.mose_adapter["default"].update_norm_ema.clone())

@@ -73,11 +73,12 @@ def sm_count(device: torch.device) -> int:
 
 def numerics_mode(dtype: torch.dtype, device: torch.device) -> int:
     """The kernels' NUMERICS (see triton_kernels._dot): fp32 inputs get IEEE fp32 dots (the float32
-    tolerance, 1e-5, is below tf32's precision); bf16 on the CPU (the interpreter) gets the
-    interpreter work-arounds."""
+    tolerance, 1e-5, is below tf32's precision); bf16 and fp16 on the CPU (the interpreter) get the
+    interpreter work-arounds: its dot of half-precision operands accumulates in half precision
+    (an fp16 ``A x`` above 65504 overflows where the tensor cores' fp32 accumulator does not)."""
     if dtype == torch.float32:
         return 1
-    if dtype == torch.bfloat16 and interpreted(device):
+    if dtype in (torch.bfloat16, torch.float16) and interpreted(device):
         return 2
     return 0
 

@@ -41,9 +41,9 @@ def _dot(a, b, acc, NUMERICS: tl.constexpr):
     """``acc + a @ b`` with an fp32 accumulator.
 
     NUMERICS 0: native dot in the operands' dtype (tensor cores for fp16/bf16); 1: IEEE fp32
-    products (fp32 operands); 2: bf16 under the Triton interpreter, whose tl.dot multiplies bf16
-    bit patterns as integers (triton 3.9): operands are upcast to fp32 first (bf16 products are
-    exact in fp32, so this computes what the tensor cores do).
+    products (fp32 operands); 2: bf16/fp16 under the Triton interpreter, whose tl.dot multiplies bf16
+    bit patterns as integers (triton 3.9) and accumulates fp16 products in fp16: operands are upcast
+    to fp32 first (half-precision products are exact in fp32, so this computes what the tensor cores do).
     """
     if NUMERICS == 2:
         acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
@@ -210,7 +210,7 @@ def mose_expand_kernel(
     stride 0), or absent (0). Rows without adapter get base exactly; with ONLY_ADAPTED_ROWS (in
     place: y is base) they are not written. WRITE_H: the programs of split 0 also store h (fp32)
     for the backward. WRITE_NORM: norm[s, t] = ||u[t]||^2 over the split's columns (the update before
-    scale; the caller sums the splits).
+    scale, measured on the scaled one and divided by scale^2; the caller sums the splits).
     """
     pid_t = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -234,8 +234,9 @@ def mose_expand_kernel(
     combo = _combo(group0, group1, n_groups, TOP_K)
     no_adapter = _combo(n_groups, n_groups, n_groups, TOP_K)
     scale = tl.load(scale_ptr + tl.where(adapted, mod, 0), mask=adapted, other=0.0)  # [BT] fp32
-    hw0 = _downcast(h * gate0[:, None], B_ptr.dtype.element_ty, NUMERICS)  # [BT, BR] gate applied first
-    hw1 = _downcast(h * gate1[:, None], B_ptr.dtype.element_ty, NUMERICS)
+    # s * g * h is cast to B's dtype, not h: in fp16, h = A x may exceed 65504 while the update is in range.
+    hw0 = _downcast(h * (gate0 * scale)[:, None], B_ptr.dtype.element_ty, NUMERICS)  # [BT, BR]
+    hw1 = _downcast(h * (gate1 * scale)[:, None], B_ptr.dtype.element_ty, NUMERICS)
 
     sumsq = tl.zeros((BLOCK_T,), dtype=tl.float32)  # [BT]
     cur = tl.min(combo, axis=0)
@@ -260,8 +261,8 @@ def mose_expand_kernel(
                 u = _dot(hs1, bt, u, NUMERICS)
             mask = sel[:, None] & n_mask[None, :]
             if WRITE_NORM:
-                sumsq += tl.sum(tl.where(mask, u * u, 0.0), axis=1)
-            y = u * scale[:, None]
+                sumsq += tl.sum(tl.where(mask, u * u, 0.0), axis=1)  # of the scaled update
+            y = u
             if HAS_BASE:
                 y += tl.load(base_ptr + tok[:, None] * stride_on + offs_n[None, :] * stride_od, mask=mask,
                              other=0.0).to(tl.float32)
@@ -282,8 +283,9 @@ def mose_expand_kernel(
                     y = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
                 tl.store(y_ptr + tok[:, None] * stride_yn + offs_n[None, :] * stride_yd,
                          y.to(y_ptr.dtype.element_ty), mask=mask)
-    if WRITE_NORM:
-        tl.store(norm_ptr + pid_s * stride_norm_s + tok, sumsq, mask=in_range)
+    if WRITE_NORM:  # the update before scale: ||s u||^2 / s^2 (0 where s = 0: such a row has no update)
+        inv_sq = tl.where(scale != 0.0, 1.0 / (scale * scale), 0.0)
+        tl.store(norm_ptr + pid_s * stride_norm_s + tok, sumsq * inv_sq, mask=in_range)
 
 
 # ------------------------------------------------------------------------------------------------
