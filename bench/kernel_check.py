@@ -29,10 +29,13 @@ from .environment import describe
 
 # Sizes with tails (not multiples of the blocks), GQA, decode; small enough for the float64 loops.
 GPU_MOSE = [dict(n=600, d_in=384, d_out=520, r=64, top_k=1), dict(n=777, d_in=384, d_out=256, r=16, top_k=2)]
-GPU_AR = [dict(b=1, hq=4, hkv=2, lq=200, lk=200, d=128), dict(b=2, hq=7, hkv=1, lq=1, lk=1500, d=128),
+# AR: prefill (one query block; several per head with GQA), decode with 7 query heads per KV head
+# packed into one block's rows (Lq 1 and 3), head dim 64.
+GPU_AR = [dict(b=1, hq=4, hkv=2, lq=200, lk=200, d=128), dict(b=1, hq=8, hkv=2, lq=700, lk=700, d=128),
+          dict(b=2, hq=7, hkv=1, lq=1, lk=1500, d=128), dict(b=1, hq=28, hkv=4, lq=3, lk=1000, d=128),
           dict(b=1, hq=2, hkv=2, lq=257, lk=257, d=64)]
 CPU_MOSE = [dict(n=40, d_in=32, d_out=24, r=8, top_k=2)]
-CPU_AR = [dict(b=1, hq=4, hkv=2, lq=24, lk=24, d=16), dict(b=1, hq=2, hkv=1, lq=1, lk=40, d=16)]
+CPU_AR = [dict(b=1, hq=4, hkv=2, lq=24, lk=24, d=16), dict(b=1, hq=7, hkv=1, lq=3, lk=40, d=16)]
 AR_OPTIONS = dict(num_modalities=3, balance=(1, 2), strength=0.5)
 
 

@@ -87,9 +87,8 @@ def ar_attention(q, k, v, key_modality, *, num_modalities, balance=(1, 2), targe
     Returns o (B, Hq, Lq, D) in q's dtype, or ``(o, masses)`` with ``return_masses=True``: the
     pre-reallocation masses (B, Hq, Lq, M) in float32. A query without a visible key outputs zeros.
     ``strength=0`` without bias is plain softmax attention (with the window and softcap applied).
-    ``backend``: "auto" (Triton on CUDA, PyTorch on CPU), "torch" or "triton". The Triton backend
-    does not implement ``window``, ``softcap``, ``balance_by="contribution"`` or per-head targets
-    yet: it raises NotImplementedError naming the argument (use ``backend="torch"``).
+    ``backend``: "auto" (Triton on CUDA, PyTorch on CPU), "torch" or "triton"; every backend
+    implements every option.
     """
     args = check_ar_args(q, k, v, key_modality, num_modalities=num_modalities, balance=balance, target=target,
                          strength=strength, threshold=threshold, modality_bias=modality_bias, causal=causal,

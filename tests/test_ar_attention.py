@@ -454,14 +454,22 @@ def test_per_head_targets_equal_a_loop_over_heads(balance_by):
         assert_close(masses[:, h:h + 1], m_h, torch.float32, what=f"masses of head {h}")
 
 
-@pytest.mark.parametrize("option", ["window", "softcap", "contribution", "per_head"])
-@pytest.mark.parametrize("strength", [0.0, 0.6])
-def test_triton_refuses_options_it_does_not_implement_yet(option, strength, device):
-    inputs = make_ar_inputs(1, 4, 2, 6, 6, 8, device=device)
-    kw = _options(option, 4)
-    name = next(iter(kw)) if option != "softcap" else "softcap"
-    with pytest.raises(NotImplementedError, match=name):
-        _run(inputs, "triton", strength=strength, **kw)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("option", sorted(OPTIONS))
+def test_triton_options_match_reference(option, dtype, device):
+    """The Triton kernels implement every option: prefill (GQA) and decode shapes, every dtype."""
+    for shape in OPTION_SHAPES[:2]:
+        inputs = make_ar_inputs(*shape, dtype=dtype, device=device, layout="random", seed=11)
+        _check(inputs, "triton", dtype, strength=0.7, **_options(option, shape[1]))
+
+
+@pytest.mark.parametrize("option", sorted(OPTIONS))
+def test_triton_options_with_left_padding_and_query_mask(option, device):
+    inputs = make_ar_inputs(2, 4, 2, 15, 15, 8, device=device, layout="av", left_pad=3, seed=2)
+    query_mask = torch.rand(2, 15, generator=torch.Generator().manual_seed(3)) < 0.6
+    o, _ = _check(inputs, "triton", torch.float32, strength=0.9, query_mask=query_mask.to(device),
+                  **_options(option, 4))
+    assert torch.equal(o[:, :, :3].cpu(), torch.zeros(2, 4, 3, 8))  # only padding visible: zeros
 
 
 # --------------------------------------------------------------------------------------------

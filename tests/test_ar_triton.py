@@ -1,4 +1,5 @@
-"""Triton backend of ar_attention: block boundaries, split-k, slots, edge cases.
+"""Triton backend of ar_attention: block boundaries, class passes, the causal diagonal, GQA packing,
+split-k, 64-bit offsets, edge cases.
 
 On the CPU these run through the Triton interpreter (small shapes, small blocks so that tails and
 modality boundaries fall inside key blocks); with CUDA the same tests run compiled. Every check is
@@ -15,7 +16,7 @@ from mosear_fast.kernels.ar_attention.launch import launch_plan
 from mosear_fast.tolerances import assert_close
 
 from .cases import av_layout, make_ar_inputs
-from .triton_compile import compile_kernels
+from .triton_compile import compile_launches
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SMALL = dict(block_m=16, block_n=16)  # the smallest blocks tl.dot allows: many blocks on tiny shapes
@@ -73,6 +74,170 @@ def test_blocks_of_one_modality(device):
         _check(inputs, torch.float32, strength=0.7, causal=False, **SMALL)
 
 
+def _plan(inputs, n_classes=3, **kw):
+    q, k = inputs["q"], inputs["k"]
+    return launch_plan(q.shape[2], k.shape[2], q.shape[3], batch=q.shape[0], n_q_heads=q.shape[1],
+                       n_kv_heads=k.shape[1], n_classes=n_classes, dtype=q.dtype, device=q.device, **kw)
+
+
+@pytest.mark.parametrize("spec", [
+    [(0, 20), (1, 14), (2, 6), (0, 8)],  # early query blocks see text (the rest class) only
+    [(2, 10), (0, 17), (1, 21)],  # passes in class order (video, audio, rest): video comes last here
+    [(1, 40)],  # one class
+    [(2, 9), (1, 30)],  # balance classes only
+], ids=["text-av-text", "video-last", "one-class", "balance-only"])
+def test_class_passes_and_parked_states(spec, device):
+    """Prefill runs one pass per key class and parks all but the last: query blocks that see one
+    class only (no parking), a class missing in the middle of the order, all keys of one class."""
+    ids = _segments(spec, device)
+    inputs = make_ar_inputs(1, 2, 1, ids.shape[1], ids.shape[1], 16, device=device, seed=20)
+    inputs["key_modality"] = ids
+    plan = _plan(inputs, **SMALL)
+    assert plan["mode"] == "prefill" and plan["n_tiles"] > plan["grid"][0]  # programs run several tiles
+    _check(inputs, torch.float32, strength=0.8, **SMALL)
+
+
+@pytest.mark.parametrize("blocks", [dict(block_m=32, block_n=16), dict(block_m=16, block_n=32)])
+@pytest.mark.parametrize("lengths", [(37, 37), (21, 50), (30, 12)])
+def test_causal_diagonal_blocks(blocks, lengths, device):
+    """Causal masking only on the diagonal: a query block over several key blocks and a key block
+    over several query blocks, with the diagonal offset (Lq < Lk) or with queries that see no key."""
+    len_q, len_k = lengths
+    inputs = make_ar_inputs(1, 2, 2, len_q, len_k, 16, device=device, layout="av", seed=21)
+    _check(inputs, torch.float32, strength=0.6, **blocks)  # every key block mixed
+    # runs of 32 keys per modality: pure key blocks on and off the diagonal (masked by position only)
+    inputs["key_modality"] = (torch.arange(len_k, device=device) // 32 % 3)[None]
+    _check(inputs, torch.float32, strength=0.6, **blocks)
+
+
+@pytest.mark.parametrize("len_q", [1, 2, 3])
+def test_decode_packs_the_query_heads_of_a_kv_group(len_q, device):
+    """Seven query heads per KV head: rows = classes x heads x queries of one block (21 to 63 rows),
+    K/V read once per KV head; with padding, a query mask, and key splits."""
+    inputs = make_ar_inputs(1, 14, 2, len_q, 45, 16, dtype=torch.float16, device=device, layout="av",
+                            left_pad=5, seed=22)
+    plan = _plan(inputs, block_n=16)
+    assert plan["mode"] == "decode" and plan["block_m"] == (32 if len_q == 1 else 64)
+    assert plan["grid"] == (2, 1)  # one program per (batch, KV head)
+    query_mask = torch.tensor([[True, False, True][:len_q]], device=device)
+    for num_splits in (None, 3):
+        _check(inputs, torch.float16, strength=0.7, query_mask=query_mask, block_n=16, num_splits=num_splits)
+    _check(inputs, torch.float16, strength=0.7, causal=False, block_n=16, num_splits=2)
+
+
+def test_split_edge_cases(device):
+    """More splits asked than key blocks (capped), splits where a class has no key, and a decode
+    without a split (one partial state per class, still merged exactly)."""
+    ids = _segments([(0, 3), (1, 30), (2, 4), (0, 3)], device)  # audio in one split only
+    inputs = make_ar_inputs(1, 4, 2, 1, 40, 16, device=device, seed=23)
+    inputs["key_modality"] = ids
+    plan = _plan(inputs, block_n=16, num_splits=10)
+    assert plan["num_splits"] == 3  # 40 keys: 3 blocks of 16
+    for num_splits in (1, 2, 10):
+        _check(inputs, torch.float32, strength=0.9, block_n=16, num_splits=num_splits)
+    prefill = make_ar_inputs(1, 2, 1, 24, 40, 16, device=device, seed=24)
+    prefill["key_modality"] = ids
+    for num_splits in (2, 10):  # the first query block sees no key of the later splits
+        _check(prefill, torch.float32, strength=0.9, num_splits=num_splits, **SMALL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale", [-0.3, 0.0])
+def test_negative_and_zero_scale(scale, dtype, device):
+    inputs = make_ar_inputs(1, 2, 1, 20, 20, 16, dtype=dtype, device=device, layout="random", seed=25)
+    _check(inputs, dtype, strength=0.5, scale=scale, **SMALL)
+    _check(make_ar_inputs(1, 2, 1, 1, 20, 16, dtype=dtype, device=device, layout="random", seed=25), dtype,
+           strength=0.5, scale=scale, block_n=16)
+
+
+def test_offsets_beyond_int32(device):
+    """K and V as views with a key stride of 2^28 elements: key 8 sits 2^31 elements past the base,
+    so 32-bit offset arithmetic would wrap (and read elsewhere). The view needs 4.3 GB of address
+    space but touches only the pages of its keys."""
+    head_dim, length, stride = 16, 9, 1 << 28
+    try:
+        base = torch.empty(stride * (length - 1) + 2 * head_dim, dtype=torch.float16, device=device)
+    except (RuntimeError, MemoryError) as err:
+        pytest.skip(f"cannot reserve 4.3 GB of address space for the strided view: {err}")
+    kv = base.as_strided((1, 1, length, 2 * head_dim), (0, 0, stride, 1))
+    g = torch.Generator().manual_seed(26)
+    kv.copy_(torch.randn(1, 1, length, 2 * head_dim, generator=g).half())
+    k, v = kv[..., :head_dim], kv[..., head_dim:]
+    assert (length - 1) * k.stride(2) >= 2 ** 31
+    q = torch.randn(1, 2, length, head_dim, generator=g).half().to(device)
+    ids = torch.tensor([[0, 1, 1, 2, 0, 1, 2, 2, 0]], device=device)
+    inputs = dict(q=q, k=k, v=v, key_modality=ids)
+    _check(inputs, torch.float16, strength=0.5, **SMALL)  # prefill
+    _check(dict(inputs, q=q[:, :, -2:]), torch.float16, strength=0.5)  # decode
+
+
+# --------------------------------------------------------------------------------------------
+# DESIGN 2.2b in the kernels: sliding window, softcap, contribution balancing, per-head targets
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("window", [1, 9])
+def test_window_skips_blocks_and_masks_its_edges(window, device):
+    """70 keys in 16-key blocks: a 9-key window skips most blocks of a query block, its edges cut
+    blocks (masked like the diagonal), on pure and on mixed blocks; prefill, split prefill, decode."""
+    ids = (torch.arange(70, device=device) // 32 % 3)[None]  # pure 16-key blocks, two boundaries
+    inputs = make_ar_inputs(1, 4, 2, 70, 70, 16, device=device, seed=30)
+    inputs["key_modality"] = ids
+    for blocks in (dict(block_m=16, block_n=16), dict(block_m=32, block_n=16)):
+        _check(inputs, torch.float32, strength=0.7, window=window, **blocks)
+    _check(inputs, torch.float32, strength=0.7, window=window, num_splits=3, **SMALL)
+    inputs["key_modality"] = av_layout(70, left_pad=6)[None].to(device)  # mixed blocks, padding
+    _check(inputs, torch.float32, strength=0.7, window=window, **SMALL)
+    decode = dict(inputs, q=inputs["q"][:, :, -3:])
+    plan = _plan(decode, window=window, block_n=16, num_splits=2)
+    assert plan["mode"] == "decode" and plan["key_start"] == max(0, 70 - 3 - window + 1)
+    for num_splits in (1, 2):  # the splits cover the window's keys only
+        _check(decode, torch.float32, strength=0.7, window=window, block_n=16, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softcap_with_bias_and_saturated_scores(dtype, device):
+    """Scores of several softcaps (tanh saturated at 0.8), a static bias per modality, a negative
+    scale; prefill, split prefill and decode."""
+    inputs = make_ar_inputs(1, 4, 2, 21, 37, 16, dtype=dtype, device=device, layout="av", seed=31, score_scale=3.0)
+    kw = dict(strength=0.6, modality_bias=(0.3, -0.5, 0.2))
+    for softcap, scale in ((0.8, 1.0), (5.0, -0.4), (30.0, 0.25)):
+        _check(inputs, dtype, softcap=softcap, scale=scale, **kw, **SMALL)
+    _check(inputs, dtype, softcap=5.0, num_splits=2, **kw, **SMALL)
+    _check(dict(inputs, q=inputs["q"][:, :, -1:]), dtype, softcap=5.0, block_n=16, **kw)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_contribution_with_parked_merged_and_zero_norm_classes(num_splits, device):
+    """||vbar|| per class from the parked states (prefill) and from the merged partial states (split
+    prefill, decode); a class whose values are all zero keeps its mass."""
+    inputs = make_ar_inputs(2, 4, 2, 30, 40, 16, device=device, layout="av", seed=32)
+    kw = dict(strength=0.9, balance_by="contribution", balance=(0, 1, 2), target=(1.0, 3.0, 2.0))
+    _check(inputs, torch.float32, num_splits=num_splits, **kw, **SMALL)
+    decode = dict(inputs, q=inputs["q"][:, :, -2:])
+    _check(decode, torch.float32, num_splits=num_splits, block_n=16, **kw)
+    audio = (inputs["key_modality"] == 2)[:, None, :, None]
+    silent = dict(inputs, v=torch.where(audio, torch.zeros_like(inputs["v"]), inputs["v"]))
+    o, _ = _check(silent, torch.float32, num_splits=num_splits, **kw, **SMALL)
+    plain, _ = _run(silent, strength=0.0, num_splits=num_splits, **SMALL)
+    assert (o - plain).abs().max() > 1e-3  # text and video still moved
+
+
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_per_head_targets(num_splits, device):
+    """One target row per query head: in the prefill epilogue, in the merge, with GQA packing."""
+    g = torch.Generator().manual_seed(33)
+    inputs = make_ar_inputs(1, 7, 1, 20, 36, 16, device=device, layout="av", seed=33)
+    target = torch.rand(7, 2, generator=g) * 4 + 0.1
+    outputs = {}
+    for balance_by in ("mass", "contribution"):
+        kw = dict(strength=1.0, target=target, balance_by=balance_by, num_splits=num_splits)
+        outputs[balance_by], _ = _check(inputs, torch.float32, **kw, **SMALL)
+        _check(dict(inputs, q=inputs["q"][:, :, -3:]), torch.float32, block_n=16, **kw)
+    uniform, _ = _run(inputs, strength=1.0, num_splits=num_splits, **SMALL)
+    assert (outputs["mass"] - uniform).abs().amax(dim=(0, 2, 3)).min() > 1e-3  # every head has its target
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_gqa_and_default_blocks(causal, device):
     inputs = make_ar_inputs(2, 6, 2, 19, 19, 16, device=device, layout="random", seed=3)
@@ -96,8 +261,9 @@ def test_head_dims(dtype, head_dim, device):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_decode_split_matches_single_pass(dtype, device):
     inputs = make_ar_inputs(2, 4, 2, 1, 70, 16, dtype=dtype, device=device, layout="av", left_pad=3, seed=6)
-    plan = launch_plan(1, 70, 16, batch=2, n_q_heads=4, n_slots=3, device=device, block_n=16, num_splits=3)
-    assert plan["num_splits"] == 3 and plan["block_m"] == 16
+    plan = launch_plan(1, 70, 16, batch=2, n_q_heads=4, n_kv_heads=2, n_classes=3, dtype=dtype, device=device,
+                       block_n=16, num_splits=3)
+    assert plan["mode"] == "decode" and plan["num_splits"] == 3 and plan["block_m"] == 16  # 3 classes x 2 heads
     kw = dict(strength=0.6, modality_bias=(0.2, -0.4, 0.3), block_n=16)
     o1, m1 = _check(inputs, dtype, num_splits=1, **kw)
     o3, m3 = _check(inputs, dtype, num_splits=3, **kw)
@@ -272,29 +438,39 @@ def test_gradients_route_to_torch_backend_and_match_reference(device):
 # Real compilation without a GPU (the interpreter accepts code the compiler rejects)
 # ------------------------------------------------------------------------------------------------
 
-_COMPILE_SCRIPT = """
-    from mosear_fast.kernels.ar_attention import triton_kernels as K
+_LAUNCH_SCRIPT = """
+    import torch
+    from mosear_fast.kernels.ar_attention.launch import ar_attention_fwd
 
-    TABLES = dict(mod_ptr="*i64", qmask_ptr="*u8", slot_ptr="*i32", key_bias_ptr="*fp32",
-                  slot_bias_ptr="*fp32", tau_ptr="*fp32", balmod_ptr="*i32", masses_ptr="*fp32",
-                  part_m_ptr="*fp32", part_l_ptr="*fp32", part_lm_ptr="*fp32", part_acc_ptr="*fp32",
-                  scale="fp32", strength="fp32", threshold="fp32")
-    # (dtype, head dim, balance slots, has rest, split): the launcher's shapes for D = 128 and 80
-    for p, head_dim, n_bal, split in (("*bf16", 128, 2, False), ("*fp16", 80, 2, True), ("*fp32", 64, 3, False)):
-        block_d = 1 << (head_dim - 1).bit_length()
-        common = dict(HEAD_DIM=head_dim, NUM_MOD=4, NUM_BAL=n_bal, NSP=4, MP=4, HAS_REST=True,
-                      HAS_QMASK=True, RETURN_MASSES=True, BLOCK_D=block_d)
-        types = dict(TABLES, q_ptr=p, k_ptr=p, v_ptr=p, o_ptr=p)
-        prec = "ieee" if p == "*fp32" else "tf32"
-        compile_sm90(K.ar_attention_fwd_kernel, types,
-                     dict(common, CAUSAL=True, HAS_KEY_BIAS=True, SPLIT=split, BLOCK_M=64, BLOCK_N=64,
-                          DOT_PREC=prec, DOT_UPCAST=False), 8 if block_d > 64 else 4)
-        compile_sm90(K.ar_split_merge_kernel, types, dict(common, BLOCK_M=16), 4)
+    # (dtype, B, Hq, Hkv, Lq, Lk, D, options): prefill (enough tiles: no split) with masses, a split
+    # rest and a query mask; prefill with split-k (odd lengths, head dim 80); decode with GQA packing
+    # (7 query heads per KV head, 3 queries, float32); decode with GQA (bfloat16).
+    CASES = [(torch.bfloat16, 2, 32, 8, 512, 512, 128, dict(return_masses=True, num_modalities=4,
+              modality_bias=(0.5, 0.0, 0.0, -0.5), query_mask=torch.ones(2, 512, dtype=torch.bool))),
+             (torch.float16, 1, 2, 1, 40, 900, 80, dict(num_splits=3)),
+             (torch.float32, 2, 7, 1, 3, 300, 64, dict(return_masses=True)),
+             (torch.bfloat16, 1, 28, 4, 1, 700, 128, dict())]
+    for dtype, b, hq, hkv, lq, lk, d, opts in CASES:
+        args = dict(num_modalities=3, balance=(1, 2), target=None, strength=0.5, threshold=0.0, modality_bias=None,
+                    causal=True, scale=d ** -0.5, query_mask=None, return_masses=False)
+        args.update(opts)
+        q = torch.empty(b, hq, lq, d, dtype=dtype)
+        k, v = torch.empty(b, hkv, lk, d, dtype=dtype), torch.empty(b, hkv, lk, d, dtype=dtype)
+        ar_attention_fwd(q, k, v, torch.zeros(b, lk, dtype=torch.long), **args)
 """
 
 
 @pytest.mark.slow
 def test_kernels_compile_for_sm90():
-    """The forward and merge kernels go through Triton's real pipeline (TTIR to cubin, sm_90) in a
-    process without the interpreter: needs the triton package's bundled ptxas, not a GPU."""
-    compile_kernels(_COMPILE_SCRIPT, expected=6)
+    """Every launch the launcher makes (classification, prefill, decode, merge) goes through Triton's
+    real pipeline (TTIR to cubin, sm_90a) with the specialisation of a real launch, in a process
+    without the interpreter (the bundled ptxas, no GPU), at shapes off the presets: odd lengths,
+    head dim 80, split-k prefill, GQA decode with several queries, float32."""
+    records = compile_launches(_LAUNCH_SCRIPT)
+    prefill = ["ar_classify_kernel", "ar_prefill_kernel"]
+    decode = ["ar_decode_kernel", "ar_split_merge_kernel"]
+    assert [r["kernel"] for r in records] == prefill + prefill + ["ar_split_merge_kernel"] + decode + decode
+    for r in records:
+        assert r["spill_bytes"] == 0, (r["kernel"], r["grid"])
+        if r["kernel"] in ("ar_prefill_kernel", "ar_decode_kernel"):
+            assert r["pipelined"] and r["mma_instructions"] == r["expected_mma_instructions"], r["kernel"]

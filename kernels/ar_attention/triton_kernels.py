@@ -1,26 +1,40 @@
-"""Triton kernels of AR attention (DESIGN 2.2): the fused forward and the split-k merge.
+"""Triton kernels of AR attention (DESIGN 2.2): key classification, prefill, decode, split-k merge.
 
-One pass over K and V keeps an online-softmax state (running max ``m``, running sum ``l``,
-accumulator ``acc``) per *state slot*: slot ``c < NUM_BAL`` is the balance modality ``balance[c]``,
-slot ``NUM_BAL`` ("rest") holds every other modality together. Each balance modality has its own
-running max, so its mean ``vbar_m = acc_m / l_m`` stays exact even when its mass underflows
-relative to the global max. For the masses of the rest modalities (reported, all M) the rest
-state also keeps one running sum per modality, relative to the rest state's max (scalars per row).
+Key classes. Every key belongs to one *class*: class ``c < NUM_BAL`` is the balance modality
+``balance[c]``; the other modalities form the rest, one class for all of them or one class each
+(the launcher splits the rest when its modalities have different biases or their masses are
+reported). Padding, out-of-range ids and key positions past the end have class -1 and are never
+attended. Each class keeps its own online-softmax state (running max ``m``, sum ``l``, accumulator
+``acc``): its mean ``vbar_c = acc_c / l_c`` is exact even when its mass underflows next to another
+class, and the class masses (steps 2-4) come from the states at the end of the pass. A class's
+bias is constant over its keys, so scores stay bias-free during the pass and the bias shifts the
+class's whole softmax at the end.
 
-Scores stay in natural units: ``p = exp2((s - m) * log2(e))``. Folding log2(e) into the scale
-would round |s| ~ 1e4 logits by ~1e-3 before the max is subtracted; multiplying the difference
-keeps extreme logits exact for one extra multiply.
+Prefill (``ar_prefill_kernel``): one query block against one class at a time, so only ONE
+accumulator is live (register pressure of a plain flash kernel). ``ar_classify_kernel`` lists, per
+batch row and class, the key blocks holding keys of that class (pure blocks: only that class;
+mixed blocks: also other classes, padding or the tail) with prefix counts, so each class loop visits
+exactly its blocks through an index (K/V loads unconditional, hence pipelined). Only mixed blocks
+and blocks on the causal diagonal are masked. A finished class's accumulator is parked in a
+per-program L2 scratch slot and merged at the end (flash-decoding merge); the last class stays in
+registers. The grid is persistent (a few programs per SM, tiles heaviest first in snake order), so
+the scratch is bounded by the number of programs, not by the problem size.
 
-A key block whose keys all belong to one slot updates that slot only (one ``P @ V``); a block on a
-modality boundary updates each slot present in it, found with a min/max over the block's slot ids.
-Blocks of padding only are skipped. Ids outside [0, NUM_MOD) are padding: never read through.
+Decode (``ar_decode_kernel``, few queries): the rows of one block are (class, query head of the
+KV group, query): K/V are read once per KV head, and every class state is a row, so a key block
+updates all classes with one masked dot. Partial states of each key split go to
+``ar_split_merge_kernel``, which merges them exactly and reallocates.
 
-At the end of the pass the masses, the reallocation (step 3) and the output (step 4) are computed
-in the same program, or, with split-k (decode), each program writes its partial states and
-``ar_split_merge_kernel`` merges them exactly (flash-decoding) before reallocating.
+Units. Scores are kept raw (``q.k``, no scale) inside a pass: ``p = exp2((qk - m) * c_log2)`` with
+``c_log2 = |scale| * log2(e)``. ``qk - m`` is exact for the keys that matter, so logits ~1e4 keep
+their float32 precision; a negative scale negates q, so the running max stays a max. Class maxima
+are compared through exact differences ``(m_c - m_top) * c_log2`` for the same reason. With a
+softcap the scores are ``softcap * tanh(|scale| * qk / softcap)`` (natural units, c_log2 = log2(e)).
 
-The state slots are explicit variables (Triton has no arrays of tensors): up to 8 balance slots,
-each guarded by ``NUM_BAL > c`` at compile time, so unused slots cost nothing.
+DESIGN 2.2b. A sliding window bounds the key blocks a pass visits (blocks before the window of the
+block's first query are never loaded) and masks only the blocks on its edge. Contribution balancing
+needs ``||vbar_c||``: each class's accumulator norm is kept with its max and sum. Per-head targets
+are one row of the target table per query head.
 """
 
 from __future__ import annotations
@@ -29,7 +43,7 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-MAX_BALANCE_SLOTS = 8
+MAX_CLASSES = 32
 
 
 # --------------------------------------------------------------------------------------------
@@ -38,63 +52,36 @@ MAX_BALANCE_SLOTS = 8
 
 
 @triton.jit
-def _empty_state(BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)  # [BM]
-    l = tl.zeros([BLOCK_M], tl.float32)  # [BM]
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # [BM, BD]
-    return m, l, acc
-
-
-@triton.jit
-def _softmax_step(m_i, s):
-    """New running max and the rescale factor / probabilities for the scores s [BM, BN]."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))  # [BM]
-    # Rows with nothing seen yet keep m = -inf; shifting by 0 there gives alpha = p = 0, never NaN.
-    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2((m_i - m_ref) * 1.4426950408889634)  # [BM]
-    p = tl.exp2((s - m_ref[:, None]) * 1.4426950408889634)  # [BM, BN]
-    return m_new, alpha, p
-
-
-@triton.jit
-def _dot(a, b, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr):
-    """a @ b with fp32 accumulation. DOT_UPCAST (interpreter only): bf16 operands are widened
-    exactly to fp32 first, because the Triton interpreter multiplies bf16 as raw uint16."""
+def _dot(a, b, acc, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """acc + a @ b in fp32. DOT_UPCAST (interpreter only): bf16 operands are widened exactly to
+    fp32 first, because the Triton interpreter multiplies bf16 as raw uint16."""
     if DOT_UPCAST:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
-    return tl.dot(a, b, input_precision=DOT_PREC)
+    return tl.dot(a, b, acc, input_precision=DOT_PREC)
 
 
 @triton.jit
-def _update_state(m_i, l_i, acc, s, in_slot, v, active, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr):
-    """Online-softmax update of one slot with the keys of the block in that slot (in_slot [BM, BN])."""
-    if active:
-        s = tl.where(in_slot, s, float("-inf"))
-        m_i, alpha, p = _softmax_step(m_i, s)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC, DOT_UPCAST)  # [BM, BD]
-    return m_i, l_i, acc
+def _softcapped(qk, qk_scale, softcap):
+    """softcap * tanh(qk * qk_scale / softcap) through exp2 (absolute error ~1e-7 * softcap; the
+    interpreter has no tanh): tanh(x) = sign(x) * (1 - e) / (1 + e), e = exp(-2|x|)."""
+    x = qk * (qk_scale / softcap)
+    e = tl.exp2(tl.abs(x) * -2.8853900817779268)  # exp(-2|x|)
+    t = (1.0 - e) / (1.0 + e)
+    return softcap * tl.where(x < 0, -t, t)
 
 
 @triton.jit
-def _update_rest(m_i, l_i, acc, lm, s, in_slot, v, mod, rest_key, active, MP: tl.constexpr,
-                 DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr):
-    """The rest slot: as ``_update_state`` plus the per-modality sums lm [BM, MP] for the masses."""
-    if active:
-        s = tl.where(in_slot, s, float("-inf"))
-        m_i, alpha, p = _softmax_step(m_i, s)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC, DOT_UPCAST)
-        lm = lm * alpha[:, None]
-        # Usually one modality per block: loop over the range of rest modalities present only.
-        mod_lo = tl.min(tl.where(rest_key, mod, MP), 0)
-        mod_hi = tl.max(tl.where(rest_key, mod, -1), 0)
-        cols = tl.arange(0, MP)
-        for mm in range(mod_lo, mod_hi + 1):
-            part = tl.sum(tl.where((mod == mm)[None, :], p, 0.0), 1)  # [BM]
-            lm += tl.where(cols[None, :] == mm, part[:, None], 0.0)
-    return m_i, l_i, acc, lm
+def _online_step(m_i, l_i, acc, qk, v, c_log2, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """One key block of an online softmax. qk [BM, BN] raw scores, -inf where not visible."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))  # [BM]
+    # Rows with nothing seen yet keep m = -inf; shifting by 0 there gives alpha = p = 0, never NaN.
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2((m_i - m_ref) * c_log2)  # [BM]
+    p = tl.exp2((qk - m_ref[:, None]) * c_log2)  # [BM, BN], the one exp per score
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_PREC, DOT_UPCAST)  # [BM, BD]
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -104,275 +91,388 @@ def _put_col(x, value, c, N: tl.constexpr):
 
 
 @triton.jit
-def _sum_col(x, c, N: tl.constexpr):
-    """x[:, c] for x [BM, N] (finite values)."""
+def _col(x, c, N: tl.constexpr):
+    """x[:, c] for x [BM, N] with finite values."""
     return tl.sum(tl.where(tl.arange(0, N)[None, :] == c, x, 0.0), 1)
 
 
 @triton.jit
-def _max_col(x, c, N: tl.constexpr):
-    """x[:, c] for x [BM, N] that may hold -inf."""
-    return tl.max(tl.where(tl.arange(0, N)[None, :] == c, x, float("-inf")), 1)
+def _reallocate(m_all, l_all, n_all, selected, class_bias_ptr, tau_ptr, c_log2, strength, threshold,
+                NUM_BAL: tl.constexpr, NSP: tl.constexpr, BY_CONTRIBUTION: tl.constexpr):
+    """DESIGN 2.2 steps 2-4 and 2.2b (contribution balancing) from the final class states.
 
-
-@triton.jit
-def _reallocate(m_all, l_all, lm_rest, selected, tau_ptr, balmod_ptr, slot_bias_ptr, strength, threshold,
-                NUM_BAL: tl.constexpr, NSP: tl.constexpr, MP: tl.constexpr):
-    """DESIGN 2.2 steps 2-4 from the final states.
-
-    m_all, l_all [BM, NSP]: per-slot max (-inf: slot has no visible key) and sum, without the
-    slot's bias; column NUM_BAL is the rest slot. lm_rest [BM, MP]: per-modality sums of the rest
-    slot, relative to its max.
-    Returns the pre-reallocation masses [BM, MP] (by modality id) and the weights w [BM, NSP]
-    such that o = sum_c w_c * acc_c (w_c = P'_c / l_c).
+    m_all, l_all [BM, NSP]: per-class max (-inf: no visible key) and sum relative to it; n_all: the
+    norm of each class's accumulator (read with BY_CONTRIBUTION only); tau_ptr: this head's targets.
+    Returns the masses per class [BM, NSP] and the weights w [BM, NSP] with o = sum_c w_c * acc_c.
     """
     cols = tl.arange(0, NSP)
     present = m_all > float("-inf")
-    m_all = m_all + tl.load(slot_bias_ptr + cols)[None, :]  # the static bias shifts a slot's whole softmax
-    g = tl.max(m_all, 1)  # [BM] global max
-    g = tl.where(g > float("-inf"), g, 0.0)
-    z = tl.where(present, l_all * tl.exp2((m_all - g[:, None]) * 1.4426950408889634), 0.0)  # [BM, NSP]
+    bias2 = tl.load(class_bias_ptr + cols) * 1.4426950408889634  # [NSP] class bias, log2 units
+    # The class with the largest shifted max, then exact differences to it: (m_c - m_top) is exact
+    # for close maxima, so classes with comparable masses keep float32 precision at |s| ~ 1e4.
+    top = tl.argmax(tl.where(present, m_all * c_log2 + bias2[None, :], float("-inf")), 1)  # [BM]
+    is_top = cols[None, :] == top[:, None]
+    m_top = tl.sum(tl.where(is_top, m_all, 0.0), 1)
+    m_top = tl.where(m_top > float("-inf"), m_top, 0.0)  # no class present: every z is 0 anyway
+    b_top = tl.sum(tl.where(is_top, bias2[None, :], 0.0), 1)
+    shift = (m_all - m_top[:, None]) * c_log2 + (bias2[None, :] - b_top[:, None])
+    z = tl.where(present, l_all * tl.exp2(shift), 0.0)  # [BM, NSP]
     z_total = tl.sum(z, 1)
     inv_total = tl.where(z_total > 0, 1.0 / tl.where(z_total > 0, z_total, 1.0), 0.0)  # 0: no visible key
-    mass = z * inv_total[:, None]  # [BM, NSP] P per slot
+    mass = z * inv_total[:, None]  # [BM, NSP] P per class
 
     tau = tl.load(tau_ptr + cols, mask=cols < NUM_BAL, other=0.0)  # [NSP]
     in_s = present & (cols < NUM_BAL)[None, :]  # S_i
+    amount = mass  # what is balanced: P, or c = P * ||vbar||
+    if BY_CONTRIBUTION:
+        norm = tl.where(present, n_all / tl.where(present, l_all, 1.0), 0.0)  # ||vbar_c||
+        in_s = in_s & (norm > 0)  # a class with ||vbar|| = 0 keeps its mass
+        amount = mass * norm
     n_s = tl.sum(in_s.to(tl.int32), 1)
-    mass_s = tl.sum(tl.where(in_s, mass, 0.0), 1)  # [BM] P_{i,S_i}
+    total = tl.sum(tl.where(in_s, amount, 0.0), 1)  # [BM] over S_i
     tau_i = tl.where(in_s, tau[None, :], 0.0)
-    tau_i = tau_i / tl.maximum(tl.sum(tau_i, 1), 1e-30)[:, None]  # renormalised over S_i
-    sigma = mass / tl.maximum(mass_s, 1e-30)[:, None]
+    tau_sum = tl.sum(tau_i, 1)
+    tau_i = tau_i / tl.maximum(tau_sum, 1e-30)[:, None]  # renormalised over S_i
+    sigma = amount / tl.maximum(total, 1e-30)[:, None]
     deviation = tl.max(tl.where(in_s, sigma - tau_i, float("-inf")), 1)
-    apply = (n_s >= 2) & (mass_s > 0) & (deviation > threshold) & selected
-    moved = (1.0 - strength) * mass + strength * mass_s[:, None] * tau_i
+    apply = (n_s >= 2) & (total > 0) & (tau_sum > 0) & (deviation > threshold) & selected
+    moved = (1.0 - strength) * amount + strength * total[:, None] * tau_i  # the new amounts in S_i
+    if BY_CONTRIBUTION:  # back to masses: P'_c proportional to c'_c / ||vbar_c||, P_{S_i} kept
+        weight = tl.where(in_s, moved / tl.where(in_s, norm, 1.0), 0.0)
+        mass_s = tl.sum(tl.where(in_s, mass, 0.0), 1)
+        moved = weight * (mass_s / tl.maximum(tl.sum(weight, 1), 1e-30))[:, None]
     new_mass = tl.where(in_s & apply[:, None], moved, mass)
     w = tl.where(present, new_mass / tl.where(present, l_all, 1.0), 0.0)  # [BM, NSP]
-
-    # Masses by modality id: the rest modalities from their sums, then each balance slot.
-    m_rest = _max_col(m_all, NUM_BAL, NSP)
-    rest_scale = tl.where(m_rest > float("-inf"),
-                          tl.exp2((m_rest - g) * 1.4426950408889634) * inv_total, 0.0)  # [BM]
-    masses = lm_rest * rest_scale[:, None]  # [BM, MP]
-    mod_cols = tl.arange(0, MP)
-    for c in tl.static_range(NUM_BAL):
-        modality = tl.load(balmod_ptr + c)
-        masses = tl.where(mod_cols[None, :] == modality, _sum_col(mass, c, NSP)[:, None], masses)
-    return masses, w
+    return mass, w
 
 
 @triton.jit
-def _store_slot(part_m_ptr, part_l_ptr, part_acc_ptr, base, c, rows, row_ok, len_q, m_i, l_i, acc,
-                NSP: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Partial state of slot c for the split-k merge. base = bh * num_splits + split."""
-    off = (base.to(tl.int64) * NSP + c) * len_q + rows  # [BM]
-    tl.store(part_m_ptr + off, m_i, mask=row_ok)
-    tl.store(part_l_ptr + off, l_i, mask=row_ok)
-    d = tl.arange(0, BLOCK_D)
-    tl.store(part_acc_ptr + off[:, None] * BLOCK_D + d[None, :], acc, mask=row_ok[:, None])
+def _store_output(o_ptr, masses_ptr, class_mod_ptr, o, mass, o_base, m_base, rows, row_ok, d,
+                  stride_ol, stride_od, stride_ml, stride_mm,
+                  HEAD_DIM: tl.constexpr, NUM_MOD: tl.constexpr, NSP: tl.constexpr, MP: tl.constexpr,
+                  RETURN_MASSES: tl.constexpr):
+    """o [BM, BD] and, with RETURN_MASSES, the class masses [BM, NSP] scattered by modality id."""
+    rows64 = rows.to(tl.int64)
+    o_off = o_base + rows64[:, None] * stride_ol + d[None, :] * stride_od
+    tl.store(o_ptr + o_off, o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & (d < HEAD_DIM)[None, :])
+    if RETURN_MASSES:
+        mod_cols = tl.arange(0, MP)
+        class_mod = tl.load(class_mod_ptr + tl.arange(0, NSP))  # [NSP] modality of each class
+        one_hot = class_mod[:, None] == mod_cols[None, :]  # [NSP, MP]
+        masses = tl.sum(tl.where(one_hot[None, :, :], mass[:, :, None], 0.0), 1)  # [BM, MP]
+        m_off = m_base + rows64[:, None] * stride_ml + mod_cols[None, :] * stride_mm
+        tl.store(masses_ptr + m_off, masses, mask=row_ok[:, None] & (mod_cols < NUM_MOD)[None, :])
+
+
+@triton.jit
+def _part_offsets(bhq, split, num_splits, c, queries, len_q, NSP: tl.constexpr):
+    """Row offsets into the split-k partial states (B*Hq, splits, NSP, Lq[, BD]), int64."""
+    return ((bhq.to(tl.int64) * num_splits + split) * NSP + c) * len_q + queries
 
 
 # --------------------------------------------------------------------------------------------
-# forward
+# prefill: classification pre-pass
 # --------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def ar_attention_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, mod_ptr, qmask_ptr, slot_ptr, key_bias_ptr, slot_bias_ptr, tau_ptr, balmod_ptr,
-    o_ptr, masses_ptr, part_m_ptr, part_l_ptr, part_lm_ptr, part_acc_ptr,
+def ar_classify_kernel(
+    mod_ptr, class_of_mod_ptr, key_cls_ptr, list_ptr, pref_ptr,
+    stride_mb, stride_ml, len_k, n_kblocks,
+    NUM_MOD: tl.constexpr, NUM_CLS: tl.constexpr, NSP: tl.constexpr, BLOCK_N: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    """Grid (B,). Writes, for batch row b:
+
+    key_cls (B, n_kblocks * BLOCK_N) int32: the class of each key, -1 for padding and the tail;
+    list (B, NUM_CLS, n_kblocks): the key blocks holding keys of class c, ascending, as
+    ``block * 2 + mixed`` (mixed: the block also holds other keys, so it is masked);
+    pref (B, NUM_CLS, n_kblocks + 1): pref[b, c, j] = how many of them lie before block j.
+    """
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_N)
+    classes = tl.arange(0, NSP)
+    counts = tl.zeros([NSP], tl.int32)  # blocks listed so far, per class
+    for start in range(0, n_kblocks, CHUNK):
+        blk = start + tl.arange(0, CHUNK)  # [CH]
+        blk_ok = blk < n_kblocks
+        keys = blk[:, None] * BLOCK_N + offs[None, :]  # [CH, BN]
+        mod = tl.load(mod_ptr + b * stride_mb + keys.to(tl.int64) * stride_ml, mask=keys < len_k, other=-1)
+        valid = (mod >= 0) & (mod < NUM_MOD)  # out-of-range ids are padding
+        key_cls = tl.where(valid, tl.load(class_of_mod_ptr + tl.where(valid, mod, 0).to(tl.int32)), -1)
+        tl.store(key_cls_ptr + b * n_kblocks * BLOCK_N + keys, key_cls, mask=blk_ok[:, None])
+        for c in range(NUM_CLS):
+            is_c = (key_cls == c).to(tl.int32)
+            has = (tl.max(is_c, 1) > 0) & blk_ok  # [CH]
+            mixed = tl.min(is_c, 1) == 0
+            has_i = has.to(tl.int32)
+            before = tl.sum(tl.where(classes == c, counts, 0))
+            index = before + tl.cumsum(has_i, 0) - has_i  # [CH] exclusive prefix count
+            row = b * NUM_CLS + c
+            tl.store(pref_ptr + row * (n_kblocks + 1) + blk, index, mask=blk_ok)
+            tl.store(list_ptr + row * n_kblocks + index, blk * 2 + mixed.to(tl.int32), mask=has)
+            counts = tl.where(classes == c, before + tl.sum(has_i), counts)
+    tl.store(pref_ptr + (b * NUM_CLS + classes) * (n_kblocks + 1) + n_kblocks, counts, mask=classes < NUM_CLS)
+
+
+# --------------------------------------------------------------------------------------------
+# prefill: one class pass, then the persistent kernel
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _class_pass(q, k_base, v_base, stride_kl, stride_kd, stride_vl, stride_vd, key_cls_row, list_row,
+                e_lo, e_hi, c, full_blk, window_blk, q_pos, len_k, window, qk_scale, softcap, c_log2, d,
+                HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+                DOT_UPCAST: tl.constexpr):
+    """Online softmax of the query block over the keys of class c: list entries [e_lo, e_hi).
+    Blocks before full_blk are visible to every row (causal); with a window, blocks from window_blk
+    on are inside every row's window."""
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # [BM]
+    l_i = tl.zeros([BLOCK_M], tl.float32)  # [BM]
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # [BM, BD]
+    offs_n = tl.arange(0, BLOCK_N)
+    for e in range(e_lo, e_hi):
+        entry = tl.load(list_row + e)
+        blk = entry >> 1
+        keys = blk * BLOCK_N + offs_n  # [BN]
+        kv_mask = (keys < len_k)[:, None]
+        if HEAD_DIM != BLOCK_D:
+            kv_mask = kv_mask & (d < HEAD_DIM)[None, :]
+        keys64 = keys.to(tl.int64)
+        k = tl.load(k_base + keys64[:, None] * stride_kl + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + keys64[:, None] * stride_vl + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        key_cls = tl.load(key_cls_row + keys)  # [BN]; rows hold whole blocks
+        qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), DOT_PREC, DOT_UPCAST)  # [BM, BN]
+        if SOFTCAP:
+            qk = _softcapped(qk, qk_scale, softcap)
+        masked = (entry & 1) != 0
+        if CAUSAL:
+            masked = masked | (blk >= full_blk)
+        if WINDOW:
+            masked = masked | (blk < window_blk)
+        if masked:  # mixed, diagonal or window-edge block: other classes, padding, tail, future keys
+            visible = (key_cls == c)[None, :]
+            if CAUSAL:
+                visible = visible & (keys[None, :] <= q_pos[:, None])
+            if WINDOW:
+                visible = visible & (keys[None, :] > q_pos[:, None] - window)
+            qk = tl.where(visible, qk, float("-inf"))
+        m_i, l_i, acc = _online_step(m_i, l_i, acc, qk, v, c_log2, DOT_PREC, DOT_UPCAST)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def ar_prefill_kernel(
+    q_ptr, k_ptr, v_ptr, qmask_ptr, key_cls_ptr, list_ptr, pref_ptr, class_bias_ptr, tau_ptr, class_mod_ptr,
+    o_ptr, masses_ptr, park_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kb, stride_kh, stride_kl, stride_kd,
     stride_vb, stride_vh, stride_vl, stride_vd,
-    stride_modb, stride_modl, stride_qmb, stride_qml,
+    stride_qmb, stride_qml,
     stride_ob, stride_oh, stride_ol, stride_od,
-    stride_mb, stride_mh, stride_ml, stride_mm,
-    len_q, len_k, n_q_heads, group, keys_per_split, num_splits,
-    scale, strength, threshold,
-    HEAD_DIM: tl.constexpr, NUM_MOD: tl.constexpr, NUM_BAL: tl.constexpr, NSP: tl.constexpr,
-    MP: tl.constexpr, HAS_REST: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_BIAS: tl.constexpr,
-    HAS_QMASK: tl.constexpr, RETURN_MASSES: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
-    DOT_UPCAST: tl.constexpr,
+    stride_mb, stride_mh, stride_ml, stride_mm, stride_tau_h,
+    len_q, len_k, n_q_heads, group, n_kblocks, n_qblocks, n_bh, n_tiles, blocks_per_split, num_splits,
+    window, qk_scale, softcap, c_log2, strength, threshold,
+    HEAD_DIM: tl.constexpr, NUM_MOD: tl.constexpr, NUM_CLS: tl.constexpr, NUM_BAL: tl.constexpr,
+    NSP: tl.constexpr, MP: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    NEG_SCALE: tl.constexpr, BY_CONTRIBUTION: tl.constexpr, HAS_QMASK: tl.constexpr,
+    RETURN_MASSES: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
-    """Grid (cdiv(Lq, BLOCK_M), B * Hq, num_splits). One program: BLOCK_M queries of one head
-    against the keys of its split ([split * keys_per_split, ...), all keys without split)."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    split = tl.program_id(2)
-    b = (bh // n_q_heads).to(tl.int64)
-    h = bh % n_q_heads
-    kvh = (h // group).to(tl.int64)  # GQA: no repeat of K/V
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
-    row_ok = rows < len_q
+    """Persistent grid (programs,). Tile t = (query block, batch * head, split), query blocks from
+    the last (most keys under causal masking) to the first; program p takes one tile per round,
+    in snake order over the programs so that each program's total work evens out."""
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
     d = tl.arange(0, BLOCK_D)
-    d_ok = d < HEAD_DIM
-    q = tl.load(q_ptr + b * stride_qb + h.to(tl.int64) * stride_qh + rows[:, None] * stride_ql
-                + d[None, :] * stride_qd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BM, BD]
-    q_pos = len_k - len_q + rows  # bottom-right causal alignment; < 0: sees no key
+    # This program's scratch: parked accumulators of classes 0..C-2 [C-1, BM, BD], then the max, sum
+    # and accumulator norm of every class [C, BM] each.
+    park_acc = park_ptr + pid.to(tl.int64) * ((NUM_CLS - 1) * BLOCK_M * BLOCK_D + 3 * NUM_CLS * BLOCK_M)
+    park_m = park_acc + (NUM_CLS - 1) * BLOCK_M * BLOCK_D
+    park_l = park_m + NUM_CLS * BLOCK_M
+    park_n = park_l + NUM_CLS * BLOCK_M
+    n_rounds = (n_tiles + n_prog - 1) // n_prog
+    for rnd in range(0, n_rounds):
+        tile = rnd * n_prog + tl.where(rnd % 2 == 0, pid, n_prog - 1 - pid)
+        if tile < n_tiles:
+            per_block = n_bh * num_splits
+            q_blk = n_qblocks - 1 - tile // per_block
+            split = (tile % per_block) // n_bh
+            bh = tile % n_bh
+            b = (bh // n_q_heads).to(tl.int64)
+            h = (bh % n_q_heads).to(tl.int64)
+            kvh = h // group  # GQA: no repeat of K/V
 
-    k_base = k_ptr + b * stride_kb + kvh * stride_kh
-    v_base = v_ptr + b * stride_vb + kvh * stride_vh
-    lo = split * keys_per_split
-    hi = tl.minimum(lo + keys_per_split, len_k)
-    if CAUSAL:  # keys after the block's last query are never visible
-        hi = tl.minimum(hi, len_k - len_q + pid_m * BLOCK_M + BLOCK_M)
-
-    m0, l0, acc0 = _empty_state(BLOCK_M, BLOCK_D)
-    m1, l1, acc1 = _empty_state(BLOCK_M, BLOCK_D)
-    m2, l2, acc2 = _empty_state(BLOCK_M, BLOCK_D)
-    m3, l3, acc3 = _empty_state(BLOCK_M, BLOCK_D)
-    m4, l4, acc4 = _empty_state(BLOCK_M, BLOCK_D)
-    m5, l5, acc5 = _empty_state(BLOCK_M, BLOCK_D)
-    m6, l6, acc6 = _empty_state(BLOCK_M, BLOCK_D)
-    m7, l7, acc7 = _empty_state(BLOCK_M, BLOCK_D)
-    m_r, l_r, acc_r = _empty_state(BLOCK_M, BLOCK_D)
-    lm_r = tl.zeros([BLOCK_M, MP], tl.float32)  # rest slot: per-modality sums
-
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)  # [BN]
-        col_ok = cols < hi
-        mod = tl.load(mod_ptr + b * stride_modb + cols * stride_modl, mask=col_ok, other=-1).to(tl.int32)
-        valid = (mod >= 0) & (mod < NUM_MOD)  # out-of-range ids are padding
-        mod = tl.where(valid, mod, 0)
-        slot = tl.where(valid, tl.load(slot_ptr + mod), -1)  # [BN]
-        slot_hi = tl.max(slot, 0)
-        slot_lo = tl.min(tl.where(valid, slot, NSP), 0)
-        if slot_hi >= 0:  # skip blocks of padding only
-            kv_mask = col_ok[:, None] & d_ok[None, :]
-            k = tl.load(k_base + cols[:, None] * stride_kl + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-            v = tl.load(v_base + cols[:, None] * stride_vl + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-            s = _dot(q, tl.trans(k), DOT_PREC, DOT_UPCAST) * scale  # [BM, BN]
-            if HAS_KEY_BIAS:  # bias relative to the key's slot bias (added to the slot max at the end)
-                s += tl.load(key_bias_ptr + mod)[None, :]
-            visible = valid[None, :]  # [1, BN] or [BM, BN]
+            r = tl.arange(0, BLOCK_M)
+            rows = q_blk * BLOCK_M + r  # [BM]
+            row_ok = rows < len_q
+            q_mask = row_ok[:, None]
+            if HEAD_DIM != BLOCK_D:
+                q_mask = q_mask & (d < HEAD_DIM)[None, :]
+            q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows.to(tl.int64)[:, None] * stride_ql
+                        + d[None, :] * stride_qd, mask=q_mask, other=0.0)  # [BM, BD]
+            if NEG_SCALE:  # through float32: the interpreter holds bf16 as raw 16-bit integers
+                q = (-q.to(tl.float32)).to(q.dtype)
+            first_pos = len_k - len_q + q_blk * BLOCK_M  # bottom-right causal alignment
+            q_pos = first_pos + r  # [BM]; < 0: sees no key
+            lo_blk = split * blocks_per_split
+            hi_blk = tl.minimum(n_kblocks, lo_blk + blocks_per_split)
+            full_blk = n_kblocks  # blocks before it are visible to every row of the block
             if CAUSAL:
-                visible = visible & (cols[None, :] <= q_pos[:, None])
-            if NUM_BAL > 0:
-                m0, l0, acc0 = _update_state(m0, l0, acc0, s, visible & (slot == 0)[None, :], v,
-                                             slot_lo <= 0, DOT_PREC, DOT_UPCAST)
-            if NUM_BAL > 1:
-                m1, l1, acc1 = _update_state(m1, l1, acc1, s, visible & (slot == 1)[None, :], v,
-                                             (slot_lo <= 1) & (slot_hi >= 1), DOT_PREC, DOT_UPCAST)
-            if NUM_BAL > 2:
-                m2, l2, acc2 = _update_state(m2, l2, acc2, s, visible & (slot == 2)[None, :], v,
-                                             (slot_lo <= 2) & (slot_hi >= 2), DOT_PREC, DOT_UPCAST)
-            if NUM_BAL > 3:
-                m3, l3, acc3 = _update_state(m3, l3, acc3, s, visible & (slot == 3)[None, :], v,
-                                             (slot_lo <= 3) & (slot_hi >= 3), DOT_PREC, DOT_UPCAST)
-            if NUM_BAL > 4:
-                m4, l4, acc4 = _update_state(m4, l4, acc4, s, visible & (slot == 4)[None, :], v,
-                                             (slot_lo <= 4) & (slot_hi >= 4), DOT_PREC, DOT_UPCAST)
-            if NUM_BAL > 5:
-                m5, l5, acc5 = _update_state(m5, l5, acc5, s, visible & (slot == 5)[None, :], v,
-                                             (slot_lo <= 5) & (slot_hi >= 5), DOT_PREC, DOT_UPCAST)
-            if NUM_BAL > 6:
-                m6, l6, acc6 = _update_state(m6, l6, acc6, s, visible & (slot == 6)[None, :], v,
-                                             (slot_lo <= 6) & (slot_hi >= 6), DOT_PREC, DOT_UPCAST)
-            if NUM_BAL > 7:
-                m7, l7, acc7 = _update_state(m7, l7, acc7, s, visible & (slot == 7)[None, :], v,
-                                             (slot_lo <= 7) & (slot_hi >= 7), DOT_PREC, DOT_UPCAST)
-            if HAS_REST:
-                rest_key = slot == NUM_BAL  # [BN]
-                m_r, l_r, acc_r, lm_r = _update_rest(m_r, l_r, acc_r, lm_r, s, visible & rest_key[None, :], v,
-                                                     mod, rest_key, slot_hi >= NUM_BAL, MP,
-                                                     DOT_PREC, DOT_UPCAST)
+                hi_blk = tl.minimum(hi_blk, (tl.maximum(first_pos + BLOCK_M, 0) + BLOCK_N - 1) // BLOCK_N)
+                full_blk = tl.maximum(first_pos + 1, 0) // BLOCK_N
+            window_blk = 0  # blocks from it on lie inside every row's window
+            if WINDOW:  # blocks before the first row's window are skipped, not masked
+                lo_blk = tl.maximum(lo_blk, tl.maximum(first_pos - window + 1, 0) // BLOCK_N)
+                window_blk = (tl.maximum(first_pos + BLOCK_M - window, 0) + BLOCK_N - 1) // BLOCK_N
+            hi_blk = tl.maximum(hi_blk, lo_blk)
 
-    if SPLIT:
-        # Partial states for ar_split_merge_kernel; every slot is written, seen or not.
-        base = bh * num_splits + split
-        if NUM_BAL > 0:
-            _store_slot(part_m_ptr, part_l_ptr, part_acc_ptr, base, 0, rows, row_ok, len_q,
-                        m0, l0, acc0, NSP, BLOCK_D)
-        if NUM_BAL > 1:
-            _store_slot(part_m_ptr, part_l_ptr, part_acc_ptr, base, 1, rows, row_ok, len_q,
-                        m1, l1, acc1, NSP, BLOCK_D)
-        if NUM_BAL > 2:
-            _store_slot(part_m_ptr, part_l_ptr, part_acc_ptr, base, 2, rows, row_ok, len_q,
-                        m2, l2, acc2, NSP, BLOCK_D)
-        if NUM_BAL > 3:
-            _store_slot(part_m_ptr, part_l_ptr, part_acc_ptr, base, 3, rows, row_ok, len_q,
-                        m3, l3, acc3, NSP, BLOCK_D)
-        if NUM_BAL > 4:
-            _store_slot(part_m_ptr, part_l_ptr, part_acc_ptr, base, 4, rows, row_ok, len_q,
-                        m4, l4, acc4, NSP, BLOCK_D)
-        if NUM_BAL > 5:
-            _store_slot(part_m_ptr, part_l_ptr, part_acc_ptr, base, 5, rows, row_ok, len_q,
-                        m5, l5, acc5, NSP, BLOCK_D)
-        if NUM_BAL > 6:
-            _store_slot(part_m_ptr, part_l_ptr, part_acc_ptr, base, 6, rows, row_ok, len_q,
-                        m6, l6, acc6, NSP, BLOCK_D)
-        if NUM_BAL > 7:
-            _store_slot(part_m_ptr, part_l_ptr, part_acc_ptr, base, 7, rows, row_ok, len_q,
-                        m7, l7, acc7, NSP, BLOCK_D)
-        if HAS_REST:
-            _store_slot(part_m_ptr, part_l_ptr, part_acc_ptr, base, NUM_BAL, rows, row_ok, len_q,
-                        m_r, l_r, acc_r, NSP, BLOCK_D)
-            mod_cols = tl.arange(0, MP)
-            lm_off = (base * MP + mod_cols[None, :]) * len_q + rows[:, None]  # [BM, MP]
-            tl.store(part_lm_ptr + lm_off, lm_r, mask=row_ok[:, None])
-    else:
-        m_all = tl.full([BLOCK_M, NSP], float("-inf"), tl.float32)  # [BM, NSP]
-        l_all = tl.zeros([BLOCK_M, NSP], tl.float32)
-        if NUM_BAL > 0:
-            m_all, l_all = _put_col(m_all, m0, 0, NSP), _put_col(l_all, l0, 0, NSP)
-        if NUM_BAL > 1:
-            m_all, l_all = _put_col(m_all, m1, 1, NSP), _put_col(l_all, l1, 1, NSP)
-        if NUM_BAL > 2:
-            m_all, l_all = _put_col(m_all, m2, 2, NSP), _put_col(l_all, l2, 2, NSP)
-        if NUM_BAL > 3:
-            m_all, l_all = _put_col(m_all, m3, 3, NSP), _put_col(l_all, l3, 3, NSP)
-        if NUM_BAL > 4:
-            m_all, l_all = _put_col(m_all, m4, 4, NSP), _put_col(l_all, l4, 4, NSP)
-        if NUM_BAL > 5:
-            m_all, l_all = _put_col(m_all, m5, 5, NSP), _put_col(l_all, l5, 5, NSP)
-        if NUM_BAL > 6:
-            m_all, l_all = _put_col(m_all, m6, 6, NSP), _put_col(l_all, l6, 6, NSP)
-        if NUM_BAL > 7:
-            m_all, l_all = _put_col(m_all, m7, 7, NSP), _put_col(l_all, l7, 7, NSP)
-        if HAS_REST:
-            m_all, l_all = _put_col(m_all, m_r, NUM_BAL, NSP), _put_col(l_all, l_r, NUM_BAL, NSP)
-        selected = row_ok
-        if HAS_QMASK:
-            selected = tl.load(qmask_ptr + b * stride_qmb + rows * stride_qml, mask=row_ok, other=0) != 0
-        masses, w = _reallocate(m_all, l_all, lm_r, selected, tau_ptr, balmod_ptr, slot_bias_ptr,
-                                strength, threshold, NUM_BAL, NSP, MP)
-        o = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # [BM, BD]
-        if NUM_BAL > 0:
-            o += _sum_col(w, 0, NSP)[:, None] * acc0
-        if NUM_BAL > 1:
-            o += _sum_col(w, 1, NSP)[:, None] * acc1
-        if NUM_BAL > 2:
-            o += _sum_col(w, 2, NSP)[:, None] * acc2
-        if NUM_BAL > 3:
-            o += _sum_col(w, 3, NSP)[:, None] * acc3
-        if NUM_BAL > 4:
-            o += _sum_col(w, 4, NSP)[:, None] * acc4
-        if NUM_BAL > 5:
-            o += _sum_col(w, 5, NSP)[:, None] * acc5
-        if NUM_BAL > 6:
-            o += _sum_col(w, 6, NSP)[:, None] * acc6
-        if NUM_BAL > 7:
-            o += _sum_col(w, 7, NSP)[:, None] * acc7
-        if HAS_REST:
-            o += _sum_col(w, NUM_BAL, NSP)[:, None] * acc_r
-        _store_output(o_ptr, masses_ptr, o, masses, b, h, rows, row_ok, d, d_ok,
-                      stride_ob, stride_oh, stride_ol, stride_od, stride_mb, stride_mh, stride_ml, stride_mm,
-                      NUM_MOD, MP, RETURN_MASSES)
+            # Classes with key blocks in range; the last of them stays live, the others are parked.
+            seen = 0
+            last = -1
+            for c in range(NUM_CLS):
+                pref_row = pref_ptr + (b * NUM_CLS + c) * (n_kblocks + 1)
+                if tl.load(pref_row + hi_blk) > tl.load(pref_row + lo_blk):
+                    seen = seen | (1 << c)
+                    last = c
+
+            k_base = k_ptr + b * stride_kb + kvh * stride_kh
+            v_base = v_ptr + b * stride_vb + kvh * stride_vh
+            key_cls_row = key_cls_ptr + b * n_kblocks * BLOCK_N
+            acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # the live class accumulator
+            for c in range(NUM_CLS):
+                if ((seen >> c) & 1) != 0:
+                    table = b * NUM_CLS + c
+                    pref_row = pref_ptr + table * (n_kblocks + 1)
+                    m_i, l_i, acc = _class_pass(
+                        q, k_base, v_base, stride_kl, stride_kd, stride_vl, stride_vd, key_cls_row,
+                        list_ptr + table * n_kblocks, tl.load(pref_row + lo_blk), tl.load(pref_row + hi_blk), c,
+                        full_blk, window_blk, q_pos, len_k, window, qk_scale, softcap, c_log2, d, HEAD_DIM, CAUSAL,
+                        WINDOW, SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PREC, DOT_UPCAST)
+                    if SPLIT:
+                        off = _part_offsets(bh, split, num_splits, c, rows, len_q, NSP)
+                        tl.store(part_m_ptr + off, m_i, mask=row_ok)
+                        tl.store(part_l_ptr + off, l_i, mask=row_ok)
+                        tl.store(part_acc_ptr + off[:, None] * BLOCK_D + d[None, :], acc, mask=row_ok[:, None])
+                    else:
+                        tl.store(park_m + c * BLOCK_M + r, m_i)
+                        tl.store(park_l + c * BLOCK_M + r, l_i)
+                        if BY_CONTRIBUTION:
+                            tl.store(park_n + c * BLOCK_M + r, tl.sqrt(tl.sum(acc * acc, 1)))
+                        if c != last:  # parked until the end of the tile
+                            tl.store(park_acc + c * (BLOCK_M * BLOCK_D) + r[:, None] * BLOCK_D + d[None, :], acc)
+                elif SPLIT:  # the merge reads every class of every split: no key here
+                    off = _part_offsets(bh, split, num_splits, c, rows, len_q, NSP)
+                    tl.store(part_m_ptr + off, tl.full([BLOCK_M], float("-inf"), tl.float32), mask=row_ok)
+                    tl.store(part_l_ptr + off, tl.zeros([BLOCK_M], tl.float32), mask=row_ok)
+
+            if not SPLIT:
+                tl.debug_barrier()  # parked stores visible to every thread of the program
+                cls = tl.arange(0, NSP)
+                in_tile = ((cls < NUM_CLS) & (((seen >> cls) & 1) != 0))[None, :]  # [1, NSP]
+                park_off = cls[None, :] * BLOCK_M + r[:, None]  # [BM, NSP]
+                m_all = tl.load(park_m + park_off, mask=in_tile, other=float("-inf"))  # [BM, NSP]
+                l_all = tl.load(park_l + park_off, mask=in_tile, other=0.0)
+                n_all = l_all
+                if BY_CONTRIBUTION:
+                    n_all = tl.load(park_n + park_off, mask=in_tile, other=0.0)
+                selected = row_ok
+                if HAS_QMASK:
+                    selected = tl.load(qmask_ptr + b * stride_qmb + rows.to(tl.int64) * stride_qml,
+                                       mask=row_ok, other=0) != 0
+                mass, w = _reallocate(m_all, l_all, n_all, selected, class_bias_ptr, tau_ptr + h * stride_tau_h,
+                                      c_log2, strength, threshold, NUM_BAL, NSP, BY_CONTRIBUTION)
+                o = acc * _col(w, last, NSP)[:, None]  # [BM, BD]
+                for c in range(NUM_CLS):
+                    if (c != last) & (((seen >> c) & 1) != 0):
+                        parked = tl.load(park_acc + c * (BLOCK_M * BLOCK_D) + r[:, None] * BLOCK_D + d[None, :])
+                        o += _col(w, c, NSP)[:, None] * parked
+                _store_output(o_ptr, masses_ptr, class_mod_ptr, o, mass, b * stride_ob + h * stride_oh,
+                              b * stride_mb + h * stride_mh, rows, row_ok, d, stride_ol, stride_od, stride_ml,
+                              stride_mm, HEAD_DIM, NUM_MOD, NSP, MP, RETURN_MASSES)
+                tl.debug_barrier()  # every parked load done before the next tile parks again
+
+
+# --------------------------------------------------------------------------------------------
+# decode: classes x query heads x queries in the rows of one block
+# --------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _store_output(o_ptr, masses_ptr, o, masses, b, h, rows, row_ok, d, d_ok,
-                  stride_ob, stride_oh, stride_ol, stride_od, stride_mb, stride_mh, stride_ml, stride_mm,
-                  NUM_MOD: tl.constexpr, MP: tl.constexpr, RETURN_MASSES: tl.constexpr):
-    h = h.to(tl.int64)
-    o_off = b * stride_ob + h * stride_oh + rows[:, None] * stride_ol + d[None, :] * stride_od
-    tl.store(o_ptr + o_off, o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    if RETURN_MASSES:
-        mod_cols = tl.arange(0, MP)
-        m_off = b * stride_mb + h * stride_mh + rows[:, None] * stride_ml + mod_cols[None, :] * stride_mm
-        tl.store(masses_ptr + m_off, masses, mask=row_ok[:, None] & (mod_cols < NUM_MOD)[None, :])
+def ar_decode_kernel(
+    q_ptr, k_ptr, v_ptr, mod_ptr, class_of_mod_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
+    stride_qb, stride_qh, stride_ql, stride_qd,
+    stride_kb, stride_kh, stride_kl, stride_kd,
+    stride_vb, stride_vh, stride_vl, stride_vd,
+    stride_modb, stride_modl,
+    len_q, len_k, n_q_heads, n_kv_heads, group, key_start, keys_per_split, num_splits, window, qk_scale,
+    softcap, c_log2,
+    HEAD_DIM: tl.constexpr, NUM_MOD: tl.constexpr, NUM_CLS: tl.constexpr, NSP: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, NEG_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+):
+    """Grid (B * Hkv, splits). Row r of the block is (class c, query head g of the KV group, query i),
+    r = (c * group + g) * Lq + i: one online-softmax state per row over the keys of class c in the
+    split's key range [key_start + split * keys_per_split, ...) (key_start: the first key any query's
+    window reaches). Writes the partial states for the merge."""
+    pid_bkv = tl.program_id(0)
+    split = tl.program_id(1)
+    b = (pid_bkv // n_kv_heads).to(tl.int64)
+    kvh = (pid_bkv % n_kv_heads).to(tl.int64)
+    r = tl.arange(0, BLOCK_M)  # [BM]
+    heads_q = group * len_q
+    row_cls = r // heads_q
+    g = (r % heads_q) // len_q
+    qi = r % len_q
+    row_ok = r < NUM_CLS * heads_q
+    h = kvh * group + g  # [BM] int64
+    d = tl.arange(0, BLOCK_D)
+    q_mask = row_ok[:, None]
+    if HEAD_DIM != BLOCK_D:
+        q_mask = q_mask & (d < HEAD_DIM)[None, :]
+    q = tl.load(q_ptr + b * stride_qb + h[:, None] * stride_qh + qi.to(tl.int64)[:, None] * stride_ql
+                + d[None, :] * stride_qd, mask=q_mask, other=0.0)  # [BM, BD], each query once per class
+    if NEG_SCALE:  # through float32: the interpreter holds bf16 as raw 16-bit integers
+        q = (-q.to(tl.float32)).to(q.dtype)
+    q_pos = len_k - len_q + qi  # [BM]
+
+    k_base = k_ptr + b * stride_kb + kvh * stride_kh
+    v_base = v_ptr + b * stride_vb + kvh * stride_vh
+    lo = key_start + split * keys_per_split
+    hi = tl.minimum(lo + keys_per_split, len_k)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)  # [BN]
+        key_ok = keys < hi
+        kv_mask = key_ok[:, None]
+        if HEAD_DIM != BLOCK_D:
+            kv_mask = kv_mask & (d < HEAD_DIM)[None, :]
+        keys64 = keys.to(tl.int64)
+        k = tl.load(k_base + keys64[:, None] * stride_kl + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + keys64[:, None] * stride_vl + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        mod = tl.load(mod_ptr + b * stride_modb + keys64 * stride_modl, mask=key_ok, other=-1)
+        valid = (mod >= 0) & (mod < NUM_MOD)  # out-of-range ids are padding
+        key_cls = tl.where(valid, tl.load(class_of_mod_ptr + tl.where(valid, mod, 0).to(tl.int32)), -1)
+        qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), DOT_PREC, DOT_UPCAST)
+        if SOFTCAP:
+            qk = _softcapped(qk, qk_scale, softcap)
+        visible = key_cls[None, :] == row_cls[:, None]  # [BM, BN]
+        if CAUSAL:
+            visible = visible & (keys[None, :] <= q_pos[:, None])
+        if WINDOW:
+            visible = visible & (keys[None, :] > q_pos[:, None] - window)
+        qk = tl.where(visible, qk, float("-inf"))
+        m_i, l_i, acc = _online_step(m_i, l_i, acc, qk, v, c_log2, DOT_PREC, DOT_UPCAST)
+
+    off = _part_offsets(b * n_q_heads + h, split, num_splits, row_cls, qi, len_q, NSP)  # [BM]
+    tl.store(part_m_ptr + off, m_i, mask=row_ok)
+    tl.store(part_l_ptr + off, l_i, mask=row_ok)
+    tl.store(part_acc_ptr + off[:, None] * BLOCK_D + d[None, :], acc, mask=row_ok[:, None])
 
 
 # --------------------------------------------------------------------------------------------
@@ -382,75 +482,85 @@ def _store_output(o_ptr, masses_ptr, o, masses, b, h, rows, row_ok, d, d_ok,
 
 @triton.jit
 def ar_split_merge_kernel(
-    part_m_ptr, part_l_ptr, part_lm_ptr, part_acc_ptr, qmask_ptr, tau_ptr, balmod_ptr, slot_bias_ptr,
+    part_m_ptr, part_l_ptr, part_acc_ptr, qmask_ptr, class_bias_ptr, tau_ptr, class_mod_ptr,
     o_ptr, masses_ptr,
     stride_qmb, stride_qml,
     stride_ob, stride_oh, stride_ol, stride_od,
-    stride_mb, stride_mh, stride_ml, stride_mm,
-    len_q, n_q_heads, num_splits, strength, threshold,
-    HEAD_DIM: tl.constexpr, NUM_MOD: tl.constexpr, NUM_BAL: tl.constexpr, NSP: tl.constexpr,
-    MP: tl.constexpr, HAS_REST: tl.constexpr, HAS_QMASK: tl.constexpr, RETURN_MASSES: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_mb, stride_mh, stride_ml, stride_mm, stride_tau_h,
+    len_q, n_q_heads, num_splits, c_log2, strength, threshold,
+    HEAD_DIM: tl.constexpr, NUM_MOD: tl.constexpr, NUM_CLS: tl.constexpr, NUM_BAL: tl.constexpr,
+    NSP: tl.constexpr, MP: tl.constexpr, BY_CONTRIBUTION: tl.constexpr, HAS_QMASK: tl.constexpr,
+    RETURN_MASSES: tl.constexpr, BLOCK_Q: tl.constexpr, SPLIT_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Grid (cdiv(Lq, BLOCK_M), B * Hq). Merges the num_splits partial states of every slot
-    exactly (max, rescaled sums and accumulators), then reallocates and writes o and the masses."""
-    pid_m = tl.program_id(0)
+    """Grid (cdiv(Lq, BLOCK_Q), B * Hq). Merges the partial states of every class over the splits
+    exactly (max, rescaled sums and accumulators), then reallocates and writes o and the masses.
+    Queries and splits are both tile dimensions ([BLOCK_Q, SPLIT_BLOCK, ...]), so the partial states
+    of all splits are loaded together (decode: one round trip, not one per split)."""
+    pid_q = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // n_q_heads).to(tl.int64)
-    h = bh % n_q_heads
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    h = (bh % n_q_heads).to(tl.int64)
+    rows = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)  # [BQ]
     row_ok = rows < len_q
     d = tl.arange(0, BLOCK_D)
-    n_slots = NUM_BAL + HAS_REST
+    cls = tl.arange(0, NSP)
+    splits = tl.arange(0, SPLIT_BLOCK)
+    base = bh.to(tl.int64) * num_splits
+    cls3 = cls[None, None, :]
+    rows3 = rows[:, None, None]
 
-    # Pass 1: merged max and sum per slot (scalars per row).
-    m_all = tl.full([BLOCK_M, NSP], float("-inf"), tl.float32)  # [BM, NSP]
-    l_all = tl.zeros([BLOCK_M, NSP], tl.float32)
-    for c in range(n_slots):
-        m_c = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        for sp in range(num_splits):
-            off = ((bh * num_splits + sp) * NSP + c) * len_q + rows
-            m_c = tl.maximum(m_c, tl.load(part_m_ptr + off, mask=row_ok, other=float("-inf")))
-        m_ref = tl.where(m_c == float("-inf"), 0.0, m_c)
-        l_c = tl.zeros([BLOCK_M], tl.float32)
-        for sp in range(num_splits):
-            off = ((bh * num_splits + sp) * NSP + c) * len_q + rows
-            m_s = tl.load(part_m_ptr + off, mask=row_ok, other=float("-inf"))
-            l_s = tl.load(part_l_ptr + off, mask=row_ok, other=0.0)
-            l_c += l_s * tl.exp2((m_s - m_ref) * 1.4426950408889634)
-        m_all = _put_col(m_all, m_c, c, NSP)
-        l_all = _put_col(l_all, l_c, c, NSP)
+    # Pass 1: merged max and sum of every class [BQ, NSP]; partial state (bh, split, c, row).
+    m_all = tl.full([BLOCK_Q, NSP], float("-inf"), tl.float32)
+    for s0 in range(0, num_splits, SPLIT_BLOCK):
+        sp3 = (s0 + splits)[None, :, None]
+        ok = row_ok[:, None, None] & (sp3 < num_splits) & (cls3 < NUM_CLS)  # [BQ, SB, NSP]
+        off = ((base + sp3) * NSP + cls3) * len_q + rows3
+        m_all = tl.maximum(m_all, tl.max(tl.load(part_m_ptr + off, mask=ok, other=float("-inf")), 1))
+    m_ref = tl.where(m_all == float("-inf"), 0.0, m_all)[:, None, :]  # [BQ, 1, NSP]
+    l_all = tl.zeros([BLOCK_Q, NSP], tl.float32)
+    for s0 in range(0, num_splits, SPLIT_BLOCK):
+        sp3 = (s0 + splits)[None, :, None]
+        ok = row_ok[:, None, None] & (sp3 < num_splits) & (cls3 < NUM_CLS)
+        off = ((base + sp3) * NSP + cls3) * len_q + rows3
+        m_s = tl.load(part_m_ptr + off, mask=ok, other=float("-inf"))
+        l_s = tl.load(part_l_ptr + off, mask=ok, other=0.0)
+        l_all += tl.sum(l_s * tl.exp2((m_s - m_ref) * c_log2), 1)
 
-    lm_r = tl.zeros([BLOCK_M, MP], tl.float32)  # [BM, MP]
-    if HAS_REST:
-        m_rest = _max_col(m_all, NUM_BAL, NSP)
-        m_ref = tl.where(m_rest == float("-inf"), 0.0, m_rest)
-        mod_cols = tl.arange(0, MP)
-        for sp in range(num_splits):
-            off = ((bh * num_splits + sp) * NSP + NUM_BAL) * len_q + rows
-            rescale = tl.exp2((tl.load(part_m_ptr + off, mask=row_ok, other=float("-inf")) - m_ref)
-                              * 1.4426950408889634)
-            lm_off = ((bh * num_splits + sp) * MP + mod_cols[None, :]) * len_q + rows[:, None]
-            lm_r += tl.load(part_lm_ptr + lm_off, mask=row_ok[:, None], other=0.0) * rescale[:, None]
-
+    n_all = l_all
+    if BY_CONTRIBUTION:  # the norm of each class's merged accumulator: one more pass over them
+        n_all = tl.zeros([BLOCK_Q, NSP], tl.float32)
+        for c in tl.static_range(NUM_CLS):  # static: column c is a register, not an indexed array
+            acc_c = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+            for s0 in range(0, num_splits, SPLIT_BLOCK):
+                sp3 = (s0 + splits)[None, :, None]
+                ok = row_ok[:, None, None] & (sp3 < num_splits) & (cls3 < NUM_CLS)
+                off = ((base + sp3) * NSP + cls3) * len_q + rows3
+                m_s = tl.load(part_m_ptr + off, mask=ok, other=float("-inf"))
+                rescale = tl.where(m_s > float("-inf"), tl.exp2((m_s - m_ref) * c_log2), 0.0)
+                f_c = tl.sum(tl.where(cls3 == c, rescale, 0.0), 2)[:, :, None]  # [BQ, SB, 1]
+                acc_off = (((base + sp3) * NSP + c) * len_q + rows3) * BLOCK_D + d[None, None, :]
+                acc_c += tl.sum(f_c * tl.load(part_acc_ptr + acc_off, mask=f_c != 0, other=0.0), 1)
+            n_all = tl.where(cls[None, :] == c, tl.sqrt(tl.sum(acc_c * acc_c, 1))[:, None], n_all)
     selected = row_ok
     if HAS_QMASK:
-        selected = tl.load(qmask_ptr + b * stride_qmb + rows * stride_qml, mask=row_ok, other=0) != 0
-    masses, w = _reallocate(m_all, l_all, lm_r, selected, tau_ptr, balmod_ptr, slot_bias_ptr,
-                            strength, threshold, NUM_BAL, NSP, MP)
+        selected = tl.load(qmask_ptr + b * stride_qmb + rows.to(tl.int64) * stride_qml, mask=row_ok, other=0) != 0
+    mass, w = _reallocate(m_all, l_all, n_all, selected, class_bias_ptr, tau_ptr + h * stride_tau_h, c_log2,
+                          strength, threshold, NUM_BAL, NSP, BY_CONTRIBUTION)
 
-    # Pass 2: o = sum over slots and splits of w_c * exp2(m_cs - m_c) * acc_cs.
-    o = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # [BM, BD]
-    for c in range(n_slots):
-        m_c = _max_col(m_all, c, NSP)
-        m_ref = tl.where(m_c == float("-inf"), 0.0, m_c)
-        w_c = _sum_col(w, c, NSP)
-        for sp in range(num_splits):
-            off = ((bh.to(tl.int64) * num_splits + sp) * NSP + c) * len_q + rows
-            m_s = tl.load(part_m_ptr + off, mask=row_ok, other=float("-inf"))
-            factor = w_c * tl.exp2((m_s - m_ref) * 1.4426950408889634)  # [BM]
-            acc = tl.load(part_acc_ptr + off[:, None] * BLOCK_D + d[None, :], mask=row_ok[:, None], other=0.0)
-            o += factor[:, None] * acc
-    _store_output(o_ptr, masses_ptr, o, masses, b, h, rows, row_ok, d, d < HEAD_DIM,
-                  stride_ob, stride_oh, stride_ol, stride_od, stride_mb, stride_mh, stride_ml, stride_mm,
-                  NUM_MOD, MP, RETURN_MASSES)
+    # Pass 2: o = sum over splits and classes of w_c * exp2(m_cs - m_c) * acc_cs.
+    o = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+    for s0 in range(0, num_splits, SPLIT_BLOCK):
+        sp3 = (s0 + splits)[None, :, None]
+        ok = row_ok[:, None, None] & (sp3 < num_splits) & (cls3 < NUM_CLS)
+        off = ((base + sp3) * NSP + cls3) * len_q + rows3
+        m_s = tl.load(part_m_ptr + off, mask=ok, other=float("-inf"))
+        # 0 where a split saw no key of the class: it wrote no accumulator there, which is not read
+        factor = tl.where(m_s > float("-inf"), w[:, None, :] * tl.exp2((m_s - m_ref) * c_log2), 0.0)
+        for c in tl.static_range(NUM_CLS):  # static: column c is a register, not an indexed array
+            f_c = tl.sum(tl.where(cls3 == c, factor, 0.0), 2)[:, :, None]  # [BQ, SB, 1]
+            acc_off = (((base + sp3) * NSP + c) * len_q + rows3) * BLOCK_D + d[None, None, :]  # [BQ, SB, BD]
+            acc = tl.load(part_acc_ptr + acc_off, mask=f_c != 0, other=0.0)
+            o += tl.sum(f_c * acc, 1)
+    _store_output(o_ptr, masses_ptr, class_mod_ptr, o, mass, b * stride_ob + h * stride_oh,
+                  b * stride_mb + h * stride_mh, rows, row_ok, d, stride_ol, stride_od, stride_ml, stride_mm,
+                  HEAD_DIM, NUM_MOD, NSP, MP, RETURN_MASSES)

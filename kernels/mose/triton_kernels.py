@@ -31,7 +31,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .interpreter_compat import install as _install_interpreter_fix
+from ..interpreter_compat import install as _install_interpreter_fix
 
 _install_interpreter_fix()
 

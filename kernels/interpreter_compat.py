@@ -1,4 +1,4 @@
-"""Back-port of one Triton interpreter fix, so the MoSE kernels run under Triton 3.6's interpreter too.
+"""Back-port of one Triton interpreter fix, so the kernels (MoSE and AR) run under Triton 3.6's interpreter too.
 
 Under ``TRITON_INTERPRET=1`` every scalar (a kernel's int argument, a loaded scalar) is a one-element
 NumPy array of shape (1,), and ``range(lo, hi, BLOCK)`` in a kernel calls ``int()`` on it. Triton
