@@ -18,7 +18,7 @@ def test_quick_demo_writes_table_chart_and_adapter(tmp_path, capsys):
         assert report["conflict_gap"] is not None
         assert set(report["attention_share"]["consistent"]) == {"text", "visual", "audio"}
     assert (tmp_path / "a" / "demo.png").stat().st_size > 0
-    assert (tmp_path / "a" / "mose" / "adapter.safetensors").is_file()
+    assert (tmp_path / "a" / "mose" / "adapter_model.safetensors").is_file()
     # same seed, same numbers
     assert demo.main(["--quick", "--no-progress", "--out", str(tmp_path / "b")]) == 0
     again = json.loads((tmp_path / "b" / "results.json").read_text())

@@ -72,7 +72,7 @@ def run_training(out: Path, per_device_batch: int, mode: str, world: int, *extra
                    cwd=ROOT, timeout=300)
     from safetensors.torch import load_file
 
-    return load_file(str(out / "adapter.safetensors"))
+    return load_file(str(out / "adapter_model.safetensors"))
 
 
 @pytest.fixture(scope="module")
