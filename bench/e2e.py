@@ -34,6 +34,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -55,7 +56,8 @@ VARIANTS = {
     "backbone": "the decoder alone, sdpa attention (floor)",
     "mosear_fast": "apply_mosear, backend auto (Triton kernels on CUDA, the PyTorch backend on the CPU)",
     "mosear_eager": "MoSE per-(modality, expert) loops + AR on materialised probabilities (bench/e2e_eager.py)",
-    "onnxruntime": "the exported graph (mosear_fast.export) in onnxruntime; prefill only (no KV cache)",
+    "onnxruntime": "the exported graphs (mosear_fast.export) in onnxruntime: prefill graph; decode with the "
+                   "--with-past graph through OnnxGenerator",
 }
 FLOOR, EAGER, FAST, ORT = "backbone", "mosear_eager", "mosear_fast", "onnxruntime"
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -256,6 +258,8 @@ def run_model(name: str, preset: dict, device: torch.device, variants, *, log=pr
     if ORT in variants:
         onnx_info = _measure_ort(model, preset, device, prefill_in, prefill, reference.get("logits"), parity,
                                  log=log, tag=tag, workdir=workdir)
+        onnx_info["decode"] = _measure_ort_decode(model, preset, device, decode_in, decode, log=log, tag=tag,
+                                                  workdir=workdir)
     if FAST in variants:
         measure_all(FAST, True)
     if EAGER in variants:
@@ -322,6 +326,60 @@ def _measure_ort(model, preset, device, prefill_in, prefill, reference, parity, 
             prefill[n][ORT] = dict(skipped=reason)
         info["skipped"] = reason
     return info
+
+
+def _measure_ort_decode(model, preset, device, decode_in, decode, *, log, tag, workdir):
+    """The --with-past graph (mosear_fast.export) in onnxruntime: ``decode_tokens`` greedy steps after an
+    untimed prefill, through ``OnnxGenerator`` (IO binding on CUDA), per decode batch."""
+    from mosear_fast.export import OnnxGenerator
+    from mosear_fast.export.pipeline import write_graph
+
+    from .e2e_models import ort_providers
+
+    providers, reason = ort_providers(device)
+    info = {}
+    if reason is None:
+        try:
+            with tempfile.TemporaryDirectory(dir=workdir) as folder:
+                context, steps = preset["decode_context"], preset["decode_tokens"]
+                batches = sorted(decode_in)
+                source = copy.deepcopy(model).to("cpu", torch.float32).eval()
+                started = time.perf_counter()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    write_graph(source, os.path.join(folder, "decoder"), dtype=preset["onnx_dtype"],
+                                batch=f"{batches[0]}:{batches[0]}:{batches[-1]}", seq=f"1:{context}:{context}",
+                                with_past=True, past=f"0:{context}:{context + steps}")
+                info["export_seconds"] = round(time.perf_counter() - started, 1)
+                generator = OnnxGenerator(os.path.join(folder, "decoder"), providers=providers)
+                info["provider"] = generator.provider
+                for b, (ids, mod) in decode_in.items():
+                    label = f"{tag} decode B={b} {ORT}"
+                    decode[b][ORT] = guarded(log, label, lambda ids=ids, mod=mod: _time_generator(
+                        generator, ids, mod, steps, reps=preset["decode_reps"]))
+                    _log_time(log, label, decode[b][ORT])
+        except Exception as err:  # noqa: BLE001  (reported in the results, like the prefill variant)
+            traceback.print_exc(file=sys.stderr)
+            reason = f"export or session failed: {_first_line(err)}"
+    if reason is not None:
+        log(f"{tag} {ORT} decode: skipped: {reason}")
+        for b in decode_in:
+            decode[b][ORT] = dict(skipped=reason)
+        info["skipped"] = reason
+    return info
+
+
+def _time_generator(generator, ids, mod, steps: int, *, reps: int, warmup: int = 1) -> dict:
+    """Median time of ``steps`` decode calls: from the first token (after the prefill) to the last."""
+    times = []
+    for rep in range(warmup + reps):
+        marks = []
+        generator.generate(ids.cpu().numpy(), mod.cpu().numpy(), max_new_tokens=steps + 1, eos_token_id=None,
+                           progress=lambda _, marks=marks: marks.append(time.perf_counter()))
+        if rep >= warmup:
+            times.append((marks[-1] - marks[0]) * 1e3)
+    return dict(median_ms=statistics.median(times), min_ms=min(times), max_ms=max(times), runs=len(times),
+                per_token_ms=statistics.median(times) / steps)
 
 
 def _log_time(log, label, t):

@@ -17,8 +17,10 @@ Clip and CumSum for float inputs only.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
+import re
 import warnings
 from pathlib import Path
 
@@ -32,7 +34,7 @@ from .support import check_exportable
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_OPSET = 20
 OPSET_RANGE = (18, 24)  # torch's exporter writes opset 18+; TensorRT 10/11 parse up to 24
-OUTPUT_NAMES = ["logits"]
+OUTPUT_NAMES = ["logits"]  # of a prefill graph; ExportModule.output_names() in general
 # Beyond this many bytes of weights, they go to model.onnx.data (protobuf caps a file at 2 GiB).
 EXTERNAL_DATA_BYTES = 1 << 30
 
@@ -103,67 +105,110 @@ def _dim(axis: AxisRange):
     return None if axis.min == axis.max else torch.export.Dim(axis.name, min=axis.min, max=axis.max)
 
 
-def export_onnx(module: ExportModule, path: Path, *, batch: AxisRange, seq: AxisRange, opset: int) -> onnx.ModelProto:
+def _ranges(batch: AxisRange, seq: AxisRange, past: AxisRange | None) -> dict[str, AxisRange]:
+    return {axis.name: axis for axis in (batch, seq, past) if axis is not None}
+
+
+def _dynamic_shapes(module: ExportModule, specs: list[InputSpec], ranges: dict[str, AxisRange]):
+    """torch.export's dynamic_shapes for the module's inputs: named Dims for the ranges; an axis that is a
+    sum of ranges (the with-past attention mask, "past_seq + seq") is left for the tracer to derive."""
+    dims = {name: _dim(axis) for name, axis in ranges.items()}
+    per_input = []
+    for spec in specs:
+        entry = {}
+        for i, a in enumerate(spec.shape):
+            if isinstance(a, str) and a in dims and dims[a] is not None:
+                entry[i] = dims[a]
+            elif isinstance(a, str) and "+" in a:
+                entry[i] = torch.export.Dim.AUTO
+        per_input.append(entry)
+    params = inspect.signature(module.forward).parameters.values()
+    var_positional = [p.name for p in params if p.kind is inspect.Parameter.VAR_POSITIONAL]
+    if var_positional:  # forward(*inputs): one tuple of per-input shapes
+        return {var_positional[0]: tuple(per_input)}
+    return {spec.name: entry for spec, entry in zip(specs, per_input)}
+
+
+def export_onnx(module: ExportModule, path: Path, *, batch: AxisRange, seq: AxisRange, opset: int,
+                past: AxisRange | None = None) -> onnx.ModelProto:
     """Writes the graph to ``path`` (weights beside it in ``path.name + '.data'`` when large); returns it
-    loaded without the external weights."""
-    args = example_inputs(module, trace_size(batch), trace_size(seq), seed=1)
+    loaded without the external weights. ``past``: the cache length range of a with-past decoder."""
+    extra = {} if past is None else {"past": trace_size(past)}
+    args = example_inputs(module, trace_size(batch), trace_size(seq), seed=1, **extra)
     specs = input_specs(module)
     names = [spec.name for spec in specs]
-    dims = {axis.name: _dim(axis) for axis in (batch, seq)}
-    dynamic_shapes = {spec.name: {i: dims[a] for i, a in enumerate(spec.shape)
-                                  if isinstance(a, str) and dims[a] is not None} for spec in specs}
+    ranges = _ranges(batch, seq, past)
     log = io.StringIO()
     try:
         check_exportable(module.model)
         with torch.no_grad(), warnings.catch_warnings(), \
                 contextlib.redirect_stdout(log), _quiet_exporter_logs():
             warnings.simplefilter("ignore")
-            exported = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
+            exported = torch.export.export(module, args, dynamic_shapes=_dynamic_shapes(module, specs, ranges),
+                                           strict=False)
             exported = exported.run_decompositions(STATIC_DECOMPOSITIONS)
-            program = torch.onnx.export(exported, args, dynamo=True, input_names=names, output_names=OUTPUT_NAMES,
-                                        opset_version=opset, optimize=True, verbose=False)
+            program = torch.onnx.export(exported, args, dynamo=True, input_names=names,
+                                        output_names=module.output_names(), opset_version=opset, optimize=True,
+                                        verbose=False)
     except (torch.onnx.errors.OnnxExporterError, RuntimeError, ValueError) as err:
         raise GraphExportError(f"torch.onnx.export failed: {_first_line(err)}") from err
     weight_bytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
     program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
     model = onnx.load(str(path), load_external_data=False)
-    _check_dynamic_axes(model, specs, batch, seq)
-    _name_dynamic_axes(model, specs, batch, seq)
+    _check_dynamic_axes(model, specs, ranges)
+    _name_dynamic_axes(model, specs, ranges)
     onnx.save(model, str(path))  # external weights, if any, stay where program.save put them
     return model
 
 
-def _dynamic_positions(specs: list[InputSpec], batch: AxisRange, seq: AxisRange):
-    """(input name, axis index, AxisRange) of every input axis named after a range that is not one size."""
-    ranges = {axis.name: axis for axis in (batch, seq) if axis.min != axis.max}
-    return [(spec.name, i, ranges[a]) for spec in specs for i, a in enumerate(spec.shape)
-            if isinstance(a, str) and a in ranges]
+def _dynamic_positions(specs: list[InputSpec], ranges: dict[str, AxisRange]):
+    """(input name, axis index, axis name) of every input axis that is dynamic: named after a range that is
+    not one size, or a sum of ranges ("past_seq + seq")."""
+    dynamic = {name for name, axis in ranges.items() if axis.min != axis.max}
+    return [(spec.name, i, a) for spec in specs for i, a in enumerate(spec.shape)
+            if isinstance(a, str) and (a in dynamic or "+" in a)]
 
 
-def _name_dynamic_axes(model: onnx.ModelProto, specs: list[InputSpec], batch: AxisRange, seq: AxisRange) -> None:
-    """Renames the tracer's symbols (s27, s53, ...) to the axis names ("batch", "seq") everywhere."""
+_SYMBOL = re.compile(r"\b[su]\d+\b")
+
+
+def _name_dynamic_axes(model: onnx.ModelProto, specs: list[InputSpec], ranges: dict[str, AxisRange]) -> None:
+    """Renames the tracer's symbols (s27, s53, ...) to the axis names ("batch", "seq", "past_seq")
+    everywhere, expressions included ("s15 + s70" -> "past_seq + seq", terms in the ranges' order)."""
     inputs = {v.name: v.type.tensor_type.shape.dim for v in model.graph.input}
-    rename = {inputs[name][i].dim_param: axis.name for name, i, axis in _dynamic_positions(specs, batch, seq)
-              if inputs[name][i].dim_param}
+    rename = {}
+    for name, i, axis in _dynamic_positions(specs, ranges):
+        symbol = inputs[name][i].dim_param
+        if symbol and _SYMBOL.fullmatch(symbol) and "+" not in axis:
+            rename[symbol] = axis
+    order = sorted(ranges, key=lambda name: name != "past_seq")  # "past_seq + seq": cache first
+
+    def renamed(text: str) -> str:
+        text = _SYMBOL.sub(lambda m: rename.get(m.group(0), m.group(0)), text)
+        terms = [t.strip() for t in text.split("+")]
+        if len(terms) > 1 and all(t in order for t in terms):
+            text = " + ".join(sorted(terms, key=order.index))
+        return text
+
     for info in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
         if info.type.HasField("tensor_type"):
             for dim in info.type.tensor_type.shape.dim:
-                if dim.dim_param in rename:
-                    dim.dim_param = rename[dim.dim_param]
+                if dim.dim_param:
+                    dim.dim_param = renamed(dim.dim_param)
 
 
-def _check_dynamic_axes(model: onnx.ModelProto, specs: list[InputSpec], batch: AxisRange, seq: AxisRange) -> None:
-    """Every input axis named "batch" or "seq" keeps a symbolic dim where its range is not a single size
-    (a specialised axis would make every other size fail at run time); every input is in the graph."""
+def _check_dynamic_axes(model: onnx.ModelProto, specs: list[InputSpec], ranges: dict[str, AxisRange]) -> None:
+    """Every dynamic input axis keeps a symbolic dim (a specialised axis would make every other size fail
+    at run time); every input is in the graph."""
     inputs = {v.name: v.type.tensor_type.shape.dim for v in model.graph.input}
     missing = [spec.name for spec in specs if spec.name not in inputs]
     if missing:
         raise GraphExportError(f"the exported graph has no input {missing[0]!r} (inputs: {sorted(inputs)}); the "
                                "model does not use it")
-    for name, i, axis in _dynamic_positions(specs, batch, seq):
+    for name, i, axis in _dynamic_positions(specs, ranges):
         dim = inputs[name][i]
         if not dim.dim_param:
-            raise GraphExportError(f"the exported graph fixed {name} axis {i} ({axis.name}) to {dim.dim_value}; "
+            raise GraphExportError(f"the exported graph fixed {name} axis {i} ({axis}) to {dim.dim_value}; "
                                    "the model specialises that size while tracing")
 
 

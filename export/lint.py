@@ -48,8 +48,10 @@ def resolve_version(trt_version: str | None) -> str:
     return older[-1]
 
 
-def tensorrt_lint(onnx_path, trt_version: str | None = None) -> list[dict]:
-    """Problems that would stop TensorRT's ONNX parser from building ``onnx_path`` (a path or ModelProto)."""
+def tensorrt_lint(onnx_path, trt_version: str | None = None, *, plugins=()) -> list[dict]:
+    """Problems that would stop TensorRT's ONNX parser from building ``onnx_path`` (a path or ModelProto).
+    ``plugins``: op_types of custom-domain nodes a plugin is registered for (``mosear-export --ops fused``
+    registers ``trt_plugins``); other custom ops are reported."""
     version = resolve_version(trt_version)
     model = onnx_path if isinstance(onnx_path, onnx.ModelProto) else onnx.load(str(Path(onnx_path)),
                                                                                 load_external_data=False)
@@ -62,6 +64,8 @@ def tensorrt_lint(onnx_path, trt_version: str | None = None) -> list[dict]:
     constants = _constant_names(model)
     for index, node in enumerate(iter_nodes(model.graph)):
         name = node.name or f"#{index}"
+        if node.domain not in ("", "ai.onnx") and node.op_type in plugins:
+            continue
         for reason in _node_problems(node, types, constants, model):
             problems.append({"node": name, "op_type": node.op_type, "reason": reason})
     return problems

@@ -23,7 +23,8 @@ def _shape(value) -> list:
 
 
 def export_config(model: onnx.ModelProto, specs: list[InputSpec], *, batch: AxisRange, seq: AxisRange,
-                  dtype: str, opset: int, files: list[str], interface: dict | None = None) -> dict:
+                  dtype: str, opset: int, files: list[str], interface: dict | None = None,
+                  past: AxisRange | None = None, ops: str = "static") -> dict:
     """Every input and output: name, dtype, shape with named dynamic axes (as the graph has them);
     integer inputs' valid values [low, high); a note on each input where the source gives one; and
     ``interface``, what else a deployer must know (the source's ``ExportModule.interface``)."""
@@ -40,9 +41,11 @@ def export_config(model: onnx.ModelProto, specs: list[InputSpec], *, batch: Axis
         inputs.append(entry)
     outputs = [{"name": v.name, "dtype": _dtype_name(v.type.tensor_type.elem_type), "shape": _shape(v)}
                for v in model.graph.output]
-    return {"format": "onnx", "opset": opset, "dtype": dtype,
-            "dynamic_axes": {axis.name: {"min": axis.min, "opt": axis.opt, "max": axis.max} for axis in (batch, seq)
+    axes = [axis for axis in (batch, seq, past) if axis is not None]
+    return {"format": "onnx", "opset": opset, "dtype": dtype, "ops": ops,
+            "dynamic_axes": {axis.name: {"min": axis.min, "opt": axis.opt, "max": axis.max} for axis in axes
                              if axis.min != axis.max},
+            "dynamic_axes_note": "the graph's valid sizes: min and max inclusive",
             "inputs": inputs, "outputs": outputs, "interface": dict(interface or {}), "files": files}
 
 
@@ -56,10 +59,17 @@ def library_versions() -> dict:
     return versions
 
 
+NOT_VALIDATED = "not validated"
+
+
 def validation_summary(shapes: list[dict]) -> dict:
-    """Whether any check failed hard (always fatal) or only on tolerance (fatal with --strict)."""
+    """Whether any check failed hard (always fatal) or only on tolerance (fatal with --strict), and the
+    status: "passed", "failed", or "not validated" (the runtime here cannot run the graph at all)."""
     outputs = [o for entry in shapes for o in entry["outputs"].values()]
-    return {"pass": all(o["pass"] for o in outputs), "hard_fail": any(o.get("hard_fail") for o in outputs)}
+    not_run = bool(outputs) and all(o.get("not_run") for o in outputs)
+    passed = all(o["pass"] for o in outputs)
+    return {"pass": passed, "hard_fail": any(o.get("hard_fail") for o in outputs),
+            "status": NOT_VALIDATED if not_run else ("passed" if passed else "failed")}
 
 
 def failure_lines(shapes: list[dict]) -> list[str]:

@@ -25,18 +25,19 @@ class AxisRange:
         return [self.min, self.opt, self.max]
 
 
-def parse_range(text: str, *, name: str, option: str) -> AxisRange:
-    """``"MIN:OPT:MAX"`` (or ``"N"`` for a fixed size) -> AxisRange; ValueError naming ``option``."""
+def parse_range(text: str, *, name: str, option: str, minimum: int = 1) -> AxisRange:
+    """``"MIN:OPT:MAX"`` (or ``"N"`` for a fixed size) -> AxisRange; ValueError naming ``option``.
+    ``minimum``: the smallest valid MIN (0 for a cache length)."""
     parts = str(text).split(":")
     try:
         values = [int(p) for p in parts]
     except ValueError:
         values = None
     if values is None or len(values) not in (1, 3):
-        raise ValueError(f"{option}: expected MIN:OPT:MAX (positive ints) or one int, got {text!r}")
+        raise ValueError(f"{option}: expected MIN:OPT:MAX (ints) or one int, got {text!r}")
     low, opt, high = values * 3 if len(values) == 1 else values
-    if low < 1:
-        raise ValueError(f"{option}: expected MIN >= 1, got {text!r}")
+    if low < minimum:
+        raise ValueError(f"{option}: expected MIN >= {minimum}, got {text!r}")
     if low > high:
         raise ValueError(f"{option}: expected MIN <= MAX, got min {low} > max {high} in {text!r}")
     if not low <= opt <= high:
@@ -75,6 +76,34 @@ def validation_shapes(batch: AxisRange, seq: AxisRange) -> list[tuple[str, int, 
     return unique
 
 
+def default_past(seq: AxisRange) -> str:
+    """The default ``--past`` of a with-past decoder: from an empty cache (prefill) to the longest prompt."""
+    return f"0:{seq.opt}:{seq.max}"
+
+
+def with_past_validation_shapes(batch: AxisRange, seq: AxisRange, past: AxisRange,
+                                prefill_min: int = 1) -> list[tuple[str, int, int, int]]:
+    """(label, batch, new tokens, cached tokens) for a with-past decoder: prefill (empty past) at the
+    opt and max prompt lengths (at least ``prefill_min``, the prompt's fixed tokens), one-token decode
+    after the opt and max caches, and an odd shape (several new tokens after an odd cache)."""
+    cases = []
+    if past.min == 0:
+        for label, b, t in (("prefill-opt", batch.opt, seq.opt), ("prefill-max", batch.max, seq.max)):
+            if t >= prefill_min:
+                cases.append((label, b, t, 0))
+    decode_len = max(1, seq.min)
+    cases += [("decode-opt", batch.opt, decode_len, max(past.opt, 1) if past.max else 0),
+              ("decode-max", batch.max, decode_len, past.max),
+              ("odd", odd_size(batch), 3 if seq.min <= 3 <= seq.max else seq.min,
+               odd_size(past) if past.max > past.min else past.max)]
+    seen, unique = set(), []
+    for case in cases:
+        if case[1:] not in seen and case[3] <= past.max and past.min <= case[3]:
+            seen.add(case[1:])
+            unique.append(case)
+    return unique
+
+
 def trace_size(axis: AxisRange) -> int:
     """The example size given to the tracer: 0/1 would be specialised, so at least 2 when the range allows."""
     if axis.max == axis.min:
@@ -82,14 +111,20 @@ def trace_size(axis: AxisRange) -> int:
     return min(axis.max, max(2, axis.opt))
 
 
-def tensorrt_profile(specs, batch: AxisRange, seq: AxisRange) -> dict[str, tuple[tuple, tuple, tuple]]:
+def tensorrt_profile(specs, batch: AxisRange, seq: AxisRange,
+                     past: AxisRange | None = None) -> dict[str, tuple[tuple, tuple, tuple]]:
     """One optimisation profile: input name -> ((min shape), (opt shape), (max shape)) for every input.
-    ``specs``: ``InputSpec``s (axis names "batch" and "seq" take their ranges, ints stay), or plain
-    names, taken as (batch, seq) inputs."""
-    ranges = {axis.name: axis for axis in (batch, seq)}
+    ``specs``: ``InputSpec``s (axis names "batch", "seq", "past_seq" take their ranges, a sum of names
+    ("past_seq + seq") the sum, ints stay), or plain names, taken as (batch, seq) inputs."""
+    ranges = {axis.name: axis for axis in (batch, seq, past) if axis is not None}
+
+    def size(dim, which):
+        if not isinstance(dim, str):
+            return int(dim)
+        return sum(getattr(ranges[term.strip()], which) for term in dim.split("+"))
+
     profile = {}
     for spec in specs:
         name, dims = (spec, (batch.name, seq.name)) if isinstance(spec, str) else (spec.name, spec.shape)
-        profile[name] = tuple(tuple(getattr(ranges[d], which) if isinstance(d, str) else int(d) for d in dims)
-                              for which in ("min", "opt", "max"))
+        profile[name] = tuple(tuple(size(d, which) for d in dims) for which in ("min", "opt", "max"))
     return profile

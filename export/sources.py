@@ -90,6 +90,15 @@ class ExportModule(torch.nn.Module):
         """Facts for ``export_config.json`` beyond the inputs' shapes and ranges."""
         return {}
 
+    def output_names(self) -> list[str]:
+        return ["logits"]
+
+    def output_masks(self, inputs) -> dict:
+        """Per output name, a bool tensor broadcastable to it: the elements that carry meaning (validation
+        compares only those). Logits of padding positions mean nothing."""
+        named = dict(zip((s.name for s in self.input_specs()), inputs))
+        return {"logits": named["attention_mask"].bool()[:, :, None]}
+
 
 def _num_modalities(model) -> int:
     context = getattr(model, "_mosear_context", None)
@@ -221,9 +230,9 @@ class AudioVisualExport(ExportModule):
             "prompt": {
                 "visual_token_id": av.VISUAL_ID, "audio_token_id": av.AUDIO_ID, "pad_token_id": av.PAD_ID,
                 "n_visual": s.n_visual, "n_audio": s.n_audio, "padding": "left",
-                "seq_valid": [self._fixed_tokens(), s.max_positions + 1],
-                "seq_note": ("seq may vary with the text around the placeholders (and the padding); the "
-                             "placeholder counts are fixed; valid lengths are [low, high)"),
+                "seq_note": ("seq may vary with the text around the placeholders (and the padding) within the "
+                             "graph's range, dynamic_axes.seq of this file (min and max inclusive); the "
+                             "placeholder counts are fixed"),
                 "standard_prompt_ids": prompt,
                 "class_token_ids": list(av.EMOTION_TOKENS),
                 "class_scores": (f"logits[:, -1, {av.FIRST_EMOTION_ID}:{av.FIRST_EMOTION_ID + av.NUM_EMOTIONS}] "
@@ -240,9 +249,12 @@ def input_specs(module: ExportModule) -> list[InputSpec]:
     return module.input_specs()
 
 
-def example_inputs(module: ExportModule, batch: int, length: int, *, seed: int = 0) -> tuple:
-    """Random valid inputs of the graph for (batch, length), in ``input_specs`` order."""
-    return module.example_inputs(batch, length, seed=seed)
+def example_inputs(module: ExportModule, batch: int, length: int, *, seed: int = 0, past: int | None = None) -> tuple:
+    """Random valid inputs of the graph for (batch, length), in ``input_specs`` order; ``past`` cached
+    tokens for a with-past decoder (``with_past.py``)."""
+    if past is None:
+        return module.example_inputs(batch, length, seed=seed)
+    return module.example_inputs(batch, length, seed=seed, past=past)
 
 
 def build_demo_model(seed: int = DEMO_SEED) -> torch.nn.Module:
@@ -277,12 +289,28 @@ def load_source(source, *, adapter=None):
     if isinstance(source, torch.nn.Module):
         model = source
     elif source == "demo":
+        if adapter is not None:
+            raise SourceError("--adapter: the demo model carries its own MoSE adapters (mosear_fast.demo_config); "
+                              "--adapter goes with a Hugging Face model folder as SOURCE")
         model = build_demo_model()
     else:
         model = _load_folder(source, adapter)
     module = wrap(model)
     opt = int(module.default_seq().split(":")[1])
     return module, module.example_inputs(DEMO_EXAMPLE_BATCH, opt)
+
+
+def source_folders(source, adapter=None) -> list[Path]:
+    """The folders a folder source reads (adapter first, then the base model): where tokenizer and
+    processor files may be found. Empty for "demo" and modules."""
+    if isinstance(source, torch.nn.Module) or source == "demo":
+        return []
+    path = Path(str(source))
+    folders = [Path(str(adapter))] if adapter is not None else []
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        base = _read_json(path / "adapter_config.json").get("base_model_name_or_path")
+        return [*folders, path, *([Path(base)] if base else [])]
+    return [*folders, path]
 
 
 def _load_folder(source, adapter):
@@ -336,8 +364,14 @@ def _load_with_adapter(base: Path, adapter: Path):
         raise SourceError(f"--adapter: expected a MoSE adapter folder with adapter_config.json, got {str(adapter)!r}")
     if _read_json(adapter / "adapter_config.json").get("peft_type") != PEFT_TYPE:
         raise SourceError(f"--adapter: {adapter} is not a MoSE adapter (peft_type must be {PEFT_TYPE!r})")
+    from safetensors import SafetensorError
+
     model = AutoModelForCausalLM.from_pretrained(base, attn_implementation="sdpa", dtype=torch.float32)
-    model = PeftModel.from_pretrained(model, adapter).get_base_model()
+    try:
+        model = PeftModel.from_pretrained(model, adapter).get_base_model()
+    except SafetensorError as err:
+        raise SourceError(f"--adapter: {adapter} holds an adapter weights file that is not readable safetensors "
+                          f"({str(err).strip().splitlines()[0] if str(err).strip() else 'corrupt'})") from None
     if (adapter / AR_CONFIG_FILE).is_file():
         fields = _read_json(adapter / AR_CONFIG_FILE)
         try:

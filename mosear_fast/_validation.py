@@ -152,18 +152,28 @@ def check_mose_args(x, modality, expert, gate, A, B, scale, out, *, inplace, val
 # --------------------------------------------------------------------------------------------
 
 
+BALANCE_BY = ("mass", "contribution")
+
+
 @dataclass(frozen=True)
 class ARArgs:
-    """Normalised scalar arguments of ``ar_attention`` (tensors are passed through unchanged)."""
+    """Normalised scalar arguments of ``ar_attention`` (tensors are passed through unchanged).
+
+    ``target``: None (uniform), a tuple of |S| floats, or a tuple of Hq such tuples (one per query
+    head); every row normalised in float64 to sum to 1 (entries >= 0; an entry may underflow to 0).
+    """
 
     num_modalities: int
     balance: tuple[int, ...]
-    target: tuple[float, ...] | None
+    target: tuple[float, ...] | tuple[tuple[float, ...], ...] | None
     strength: float
     threshold: float
     modality_bias: tuple[float, ...] | None
     causal: bool
     scale: float
+    window: int | None = None
+    softcap: float | None = None
+    balance_by: str = "mass"
 
 
 def _int_sequence(name, value):
@@ -192,8 +202,60 @@ def _float_sequence(name, value, length, *, positive=False):
     return out
 
 
+def _normalised(row: tuple[float, ...]) -> tuple[float, ...]:
+    """A row of positive finite floats divided by its sum, in float64: first by its largest entry
+    (so the sum cannot overflow, e.g. 3e38 + 3e38 in float32 or 1e308 + 1e308 in float64), then by
+    the sum. Scale-free: (1e-40, 1e-40) and (3e38, 3e38) both give exactly (0.5, 0.5); an entry
+    more than ~1e308 times smaller than the largest becomes 0, as in the exactly normalised target."""
+    if not row:  # an empty balance set
+        return row
+    largest = max(row)
+    scaled = [t / largest for t in row]
+    total = math.fsum(scaled)
+    return tuple(t / total for t in scaled)
+
+
+def check_target(name, target, n_balance, *, n_q_heads=None):
+    """Validates an AR target and normalises it in float64 on the host.
+
+    Accepted: None (uniform); a sequence of ``n_balance`` positive finite floats, or a tensor of
+    shape (n_balance,) (one target for every head); a tensor of shape (Hq, n_balance) or a sequence
+    of Hq such sequences (one target per query head; ``n_q_heads`` checks Hq when given). Returns
+    None, a tuple of floats, or a tuple of Hq tuples, every row summing to 1. A tensor is read once
+    on the host (a device-to-host copy for a CUDA tensor; detached: targets are constants).
+    """
+    if target is None:
+        return None
+    expected = f"{n_balance} positive floats, a ({n_balance},) tensor or a (Hq, {n_balance}) tensor"
+    if isinstance(target, torch.Tensor):
+        if is_exporting():
+            raise ValueError(f"{name}: a tensor target cannot be read while a model is exported; "
+                             "pass a sequence of floats (or nested sequences, one per head)")
+        if not target.is_floating_point():
+            raise DTypeError(f"{name}: expected a floating-point tensor of {expected}, got dtype {target.dtype}")
+        if target.dim() not in (1, 2) or target.shape[-1] != n_balance:
+            raise _fail(name, expected, f"shape {tuple(target.shape)}")
+        target = target.detach().to("cpu", torch.float64).tolist()
+    if isinstance(target, (str, bytes)) or not isinstance(target, Sequence):
+        raise TypeError(f"{name}: expected {expected}, got {type(target).__name__}")
+    per_head = len(target) > 0 and all(
+        isinstance(row, (Sequence, torch.Tensor)) and not isinstance(row, (str, bytes)) for row in target)
+    rows = list(target) if per_head else [target]
+    if per_head and n_q_heads is not None and len(rows) != n_q_heads:
+        raise _fail(name, f"one target per query head: (Hq={n_q_heads}, {n_balance})", f"{len(rows)} rows")
+    checked = []
+    for h, row in enumerate(rows):
+        row_name = f"{name}[{h}]" if per_head else name
+        row = _float_sequence(row_name, row, n_balance)
+        if any(t <= 0 for t in row):
+            raise _fail(row_name, "positive finite floats", repr(row))
+        checked.append(_normalised(row))
+    return tuple(checked) if per_head else checked[0]
+
+
 def check_ar_args(q, k, v, key_modality, *, num_modalities, balance, target, strength, threshold,
-                  modality_bias, causal, scale, query_mask, validate) -> ARArgs:
+                  modality_bias, causal, scale, query_mask, validate, window=None, softcap=None,
+                  balance_by="mass") -> ARArgs:
     """Validates ``ar_attention``'s arguments and returns the normalised scalars."""
     _tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
     _tensor("k", k, ndim=4, dtypes=FLOAT_DTYPES)
@@ -228,8 +290,7 @@ def check_ar_args(q, k, v, key_modality, *, num_modalities, balance, target, str
     balance = _int_sequence("balance", balance)
     if len(set(balance)) != len(balance) or any(not 0 <= m < num_modalities for m in balance):
         raise _fail("balance", f"distinct modality ids in [0, {num_modalities})", repr(balance))
-    if target is not None:
-        target = _float_sequence("target", target, len(balance), positive=True)
+    target = check_target("target", target, len(balance), n_q_heads=n_q_heads)
     strength = _real("strength", strength, low=0.0, high=1.0)
     threshold = _real("threshold", threshold, low=0.0)
     if modality_bias is not None:
@@ -240,7 +301,35 @@ def check_ar_args(q, k, v, key_modality, *, num_modalities, balance, target, str
         scale = 1.0 / math.sqrt(head_dim)
     else:
         scale = _real("scale", scale)
+    window = check_window(window, causal=causal)
+    if softcap is not None:
+        softcap = _real("softcap", softcap)
+        if softcap <= 0:
+            raise _fail("softcap", "None or a finite float > 0", repr(softcap))
+    balance_by = check_balance_by("balance_by", balance_by)
 
     if _needs_value_checks(key_modality, validate):
         _check_range("key_modality", key_modality, -1, num_modalities)
-    return ARArgs(num_modalities, balance, target, strength, threshold, modality_bias, causal, scale)
+    return ARArgs(num_modalities, balance, target, strength, threshold, modality_bias, causal, scale,
+                  window, softcap, balance_by)
+
+
+def check_window(window, *, causal: bool) -> int | None:
+    if window is None:
+        return None
+    if isinstance(window, bool) or not isinstance(window, numbers.Integral):
+        raise TypeError(f"window: expected None or an int >= 1, got {type(window).__name__}")
+    if window < 1:
+        raise _fail("window", "None or an int >= 1", repr(window))
+    if not causal:
+        raise ValueError("window: a sliding window keeps the keys with 0 <= pos_i - j < window and needs "
+                         "causal=True, got causal=False")
+    return int(window)
+
+
+def check_balance_by(name, balance_by) -> str:
+    if not isinstance(balance_by, str):
+        raise TypeError(f"{name}: expected one of {BALANCE_BY}, got {type(balance_by).__name__}")
+    if balance_by not in BALANCE_BY:
+        raise ValueError(f"{name}: expected one of {BALANCE_BY}, got {balance_by!r}")
+    return balance_by

@@ -6,9 +6,29 @@ import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from ._validation import _float_sequence, _real
+import torch
+
+from ._validation import _float_sequence, _real, check_balance_by, check_target
 from .backend import BACKENDS
 from .modality import check_modality_names, modality_index, modality_indices
+
+
+def _plain_floats(target: torch.Tensor):
+    """A tensor target as a tuple of floats (or of per-head tuples); values are checked at resolve."""
+    values = target.detach().cpu().tolist()
+    return tuple(tuple(row) if isinstance(row, list) else row for row in values) if isinstance(values, list) \
+        else values
+
+
+def _check_share_readout(record_shares, balance_by, target):
+    """Interim: hf_attention's share read-out (``attention_shares(model, reallocated=True)``) recomputes
+    the reallocation from the masses with one target for all heads."""
+    per_head = isinstance(target, Sequence) and len(target) > 0 and isinstance(target[0], (Sequence, torch.Tensor)) \
+        and not isinstance(target[0], (str, bytes))
+    if record_shares and (balance_by != "mass" or per_head):
+        what = f"balance_by={balance_by!r}" if balance_by != "mass" else "a per-head target"
+        raise ValueError(f"ARConfig.record_shares: the attention-share read-out does not support {what} "
+                         "yet; pass record_shares=False with it")
 
 
 @dataclass
@@ -20,13 +40,21 @@ class ARConfig:
     - ``layers``: decoder layer indices with AR (None = all); other layers run plain sdpa.
     - ``strength`` in [0, 1], ``threshold`` >= 0: DESIGN 2.2 step 3.
     - ``balance``: the modalities whose masses are balanced (names or ids; default visual and audio).
-    - ``target``: None (uniform) or one positive float per balance modality.
+    - ``balance_by``: "mass" (DESIGN 2.2: shares of attention mass) or "contribution" (DESIGN 2.2b:
+      shares of ``P_m * ||vbar_m||``, what each modality adds to the output).
+    - ``target``: None (uniform); one positive float per balance modality, or a (|S|,) tensor; or one
+      target per query head, an (Hq, |S|) tensor or Hq such sequences (e.g. calibrated per head),
+      used on every AR layer (Hq is checked at the first forward). A tensor is stored as plain floats
+      (so the config saves as JSON); ``apply_mosear`` checks the values and normalises each row in
+      float64 to sum 1, as ``ar_attention`` does.
     - ``modality_bias``: None, one float per modality, or ``{modality: float}`` (others 0): a logit bias.
     - ``query_modalities``: the queries that are reallocated (default text queries: the prompt's text
       and every generated token), so answers attend to audio and video in balance.
     - ``backend``: the ``ar_attention`` backend ("auto", "torch", "triton").
     - ``record_shares``: keep each layer's mean attention shares for ``attention_shares(model)``
-      (a few small ops per layer and forward); False for the leanest decoding.
+      (a few small ops per layer and forward); False for the leanest decoding. The share read-out
+      reallocates masses with one target for all heads, so it needs ``balance_by="mass"`` and no
+      per-head target: the other combinations need ``record_shares=False`` for now.
     """
 
     modalities: Sequence[str] | None = None
@@ -34,11 +62,12 @@ class ARConfig:
     strength: float = 0.5
     threshold: float = 0.0
     balance: Sequence = ("visual", "audio")
-    target: Sequence[float] | None = None
+    target: Sequence | torch.Tensor | None = None
     modality_bias: Sequence[float] | Mapping | None = None
     query_modalities: Sequence = ("text",)
     backend: str = "auto"
     record_shares: bool = True
+    balance_by: str = "mass"
 
     def __post_init__(self):
         if self.modalities is not None:
@@ -53,10 +82,14 @@ class ARConfig:
             self.layers = tuple(int(i) for i in self.layers)
         self.strength = _real("ARConfig.strength", self.strength, low=0.0, high=1.0)
         self.threshold = _real("ARConfig.threshold", self.threshold, low=0.0)
-        if self.backend not in BACKENDS:
-            raise ValueError(f"ARConfig.backend: expected one of {BACKENDS}, got {self.backend!r}")
+        if isinstance(self.target, torch.Tensor):
+            self.target = _plain_floats(self.target)
+        self.balance_by = check_balance_by("ARConfig.balance_by", self.balance_by)
         if not isinstance(self.record_shares, bool):
             raise TypeError(f"ARConfig.record_shares: expected a bool, got {type(self.record_shares).__name__}")
+        _check_share_readout(self.record_shares, self.balance_by, self.target)
+        if self.backend not in BACKENDS:
+            raise ValueError(f"ARConfig.backend: expected one of {BACKENDS}, got {self.backend!r}")
 
     def resolve(self, modalities: Sequence[str]) -> dict:
         """Ids and floats for ``ar_attention`` against the model's modality names (checked here)."""
@@ -68,9 +101,9 @@ class ARConfig:
         if len(balance) < 2:
             raise ValueError("ARConfig.balance: expected at least 2 modalities to balance, got "
                              f"{tuple(self.balance)!r}")
-        target = None
-        if self.target is not None:
-            target = _float_sequence("ARConfig.target", self.target, len(balance), positive=True)
+        target = check_target("ARConfig.target", self.target, len(balance))
+        balance_by = check_balance_by("ARConfig.balance_by", self.balance_by)
+        _check_share_readout(self.record_shares, balance_by, target)
         bias = None
         if isinstance(self.modality_bias, Mapping):
             bias = [0.0] * len(names)
@@ -82,5 +115,6 @@ class ARConfig:
             bias = _float_sequence("ARConfig.modality_bias", self.modality_bias, len(names))
         query = modality_indices("ARConfig.query_modalities", self.query_modalities, names)
         return dict(num_modalities=len(names), balance=balance, target=target, strength=self.strength,
-                    threshold=self.threshold, modality_bias=bias, query_modalities=query,
+                    threshold=self.threshold, balance_by=balance_by,
+                    modality_bias=bias, query_modalities=query,
                     backend=self.backend, record_shares=self.record_shares)

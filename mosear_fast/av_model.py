@@ -94,9 +94,7 @@ class AudioVisualLM(nn.Module):
         ``audio (B, Na, da)`` features, the i-th placeholder of a sample taking its i-th feature;
         ``labels (B, T)`` next-token targets (``IGNORE_INDEX`` = not counted). Returns the
         transformers ``CausalLMOutputWithPast`` (``logits``, and ``loss`` with labels)."""
-        embeds = self.llm.get_input_embeddings()(input_ids)
-        embeds = _place(embeds, input_ids == VISUAL_ID, self.visual_proj(visual.to(embeds.dtype)))
-        embeds = _place(embeds, input_ids == AUDIO_ID, self.audio_proj(audio.to(embeds.dtype)))
+        embeds = self.embed_inputs(input_ids, visual, audio)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if position_ids is None:  # positions that skip left padding (what generate computes)
@@ -107,6 +105,13 @@ class AudioVisualLM(nn.Module):
                 placeholder_modality_ids(input_ids, attention_mask)
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                         labels=labels, use_cache=False, **extra)
+
+    def embed_inputs(self, input_ids: torch.Tensor, visual: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+        """(B, T, hidden) input embeddings: token embeddings with each placeholder replaced by its projected
+        feature (what the decoder reads; also the ``inputs_embeds`` of ``self.llm.generate``)."""
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        embeds = _place(embeds, input_ids == VISUAL_ID, self.visual_proj(visual.to(embeds.dtype)))
+        return _place(embeds, input_ids == AUDIO_ID, self.audio_proj(audio.to(embeds.dtype)))
 
     def build_inputs(self, visual: Sequence[torch.Tensor], audio: Sequence[torch.Tensor],
                      answers: Sequence[int] | torch.Tensor | None = None) -> dict[str, torch.Tensor]:

@@ -8,6 +8,7 @@ user never imports triton.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -34,6 +35,27 @@ _EXPORT_IMPLEMENTATIONS = {
     "mose_lora": "mosear_fast.kernels.mose.static:mose_lora_static",
     "ar_attention": "mosear_fast.kernels.ar_attention.static:ar_attention_static",
 }
+
+
+# Replacements of the export forms installed by ``export_forms`` (mosear-export --ops fused: one
+# custom node per op); empty outside that context.
+_EXPORT_OVERRIDES: dict[str, Callable] = {}
+
+
+@contextlib.contextmanager
+def export_forms(**forms: Callable):
+    """While the context is open, an export traces ``op`` through ``forms[op]`` instead of its static
+    form (same arguments as the static form). Used by the exporter, not a user-selectable backend."""
+    unknown = set(forms) - set(_EXPORT_IMPLEMENTATIONS)
+    if unknown:
+        raise ValueError(f"forms: unknown ops {sorted(unknown)}; expected some of {sorted(_EXPORT_IMPLEMENTATIONS)}")
+    previous = dict(_EXPORT_OVERRIDES)
+    _EXPORT_OVERRIDES.update(forms)
+    try:
+        yield
+    finally:
+        _EXPORT_OVERRIDES.clear()
+        _EXPORT_OVERRIDES.update(previous)
 
 
 def is_exporting() -> bool:
@@ -76,6 +98,8 @@ def implementation(op: str, backend: str, device: torch.device) -> Callable:
     if is_exporting():
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        if op in _EXPORT_OVERRIDES:
+            return _EXPORT_OVERRIDES[op]
         target = _EXPORT_IMPLEMENTATIONS[op]
     else:
         target = _IMPLEMENTATIONS[op][resolve_backend(op, backend, device)]

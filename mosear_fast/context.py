@@ -154,7 +154,9 @@ def _decoder_pre_hook(module, args, kwargs):
     if inputs is None:
         raise ValueError("input_ids / inputs_embeds: the model needs one of them to size modality_ids")
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+    past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+    if isinstance(past, torch.Tensor):  # a static cache counts its filled slots on the device
+        past = int(past)  # (int() of a traced size would pin the cache length of an exported graph)
     context.begin_forward(modality_ids, batch=inputs.shape[0], q_len=inputs.shape[1], past=past,
                           attention_mask=kwargs.get("attention_mask"), device=inputs.device)
     return args, kwargs

@@ -61,7 +61,7 @@ def mosear_attention_forward(module, query, key, value, attention_mask, dropout:
         query, key, value, key_ids, num_modalities=settings["num_modalities"], balance=settings["balance"],
         target=settings["target"], strength=settings["strength"], threshold=settings["threshold"],
         modality_bias=settings["modality_bias"], causal=True, scale=scaling, query_mask=selected,
-        return_masses=record, backend=settings["backend"],
+        balance_by=settings["balance_by"], return_masses=record, backend=settings["backend"],
         validate=False)  # the key ids were checked once at model entry: no host sync per layer
     if not record:
         return result.transpose(1, 2).contiguous(), None

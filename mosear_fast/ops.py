@@ -28,28 +28,54 @@ def mose_lora(x, modality, expert, gate, A, B, scale, out=None, *, inplace=False
 
 
 def ar_attention(q, k, v, key_modality, *, num_modalities, balance=(1, 2), target=None, strength=0.5,
-                 threshold=0.0, modality_bias=None, causal=True, scale=None, query_mask=None,
-                 return_masses=False, backend="auto", validate=True, **backend_options):
-    """Softmax attention whose per-modality mass is moved toward a balanced target (DESIGN 2.2).
+                 threshold=0.0, modality_bias=None, causal=True, scale=None, query_mask=None, window=None,
+                 softcap=None, balance_by="mass", return_masses=False, backend="auto", validate=True,
+                 **backend_options):
+    """Softmax attention whose per-modality mass is moved toward a balanced target (DESIGN 2.2, 2.2b).
 
-    q (B, Hq, Lq, D); k, v (B, Hkv, Lk, D) with Hq % Hkv == 0; key_modality (B, Lk) ints in
-    [-1, M) (-1 = padding, never attended). Causal masking is bottom-right aligned. For each query,
-    the masses of the ``balance`` modalities that have a visible key are moved toward ``target``
-    (uniform when None) by ``strength`` when some share exceeds its target by more than
-    ``threshold``; ``query_mask`` (B, Lq) bool selects the queries that are reallocated.
-    ``modality_bias`` (M floats) is added to the logits of each modality's keys first.
+    q (B, Hq, Lq, D); k, v (B, Hkv, Lk, D) with Hq % Hkv == 0 (query head h reads KV head
+    h // (Hq / Hkv)); key_modality (B, Lk) ints in [-1, M) (-1 = padding, never attended). Query i
+    sits at position pos_i = Lk - Lq + i (bottom-right alignment: prefill and decode with a KV cache
+    alike). Visible keys of query i: not padding, ``j <= pos_i`` when ``causal``, and
+    ``0 <= pos_i - j < window`` when ``window`` is an int >= 1 (the Mistral-family sliding window;
+    needs ``causal=True``).
+
+    Scores ``s_ij = softcap * tanh(scale * q_i.k_j / softcap) + modality_bias[mu(j)]`` (no tanh when
+    ``softcap`` is None; ``scale`` None means 1/sqrt(D); ``modality_bias`` None or M finite floats).
+    ``P_im`` is the softmax mass of modality m over the visible keys. For each query selected by
+    ``query_mask`` (B, Lq) bool (None: all), ``S_i`` = the ``balance`` modalities with a visible key:
+
+    - ``balance_by="mass"``: shares ``P_im / P_{i,S_i}``;
+    - ``balance_by="contribution"``: shares of ``c_im = P_im * ||vbar_im||`` (``vbar_im`` the mean of
+      v under modality m's own softmax); a modality with ``||vbar_im|| = 0`` is left out of S_i and
+      keeps its mass.
+
+    When ``|S_i| >= 2`` and some share exceeds its target by more than ``threshold``, the shares move
+    toward the targets by ``strength``; the total mass of S_i is kept and the output is
+    ``sum_m P'_im * vbar_im``. ``target``: None (uniform); |S| positive floats in ``balance`` order,
+    or a (|S|,) tensor; or one target per query head, an (Hq, |S|) tensor or Hq sequences. Targets
+    are normalised to sum 1 in float64 on the host before any backend sees them (a CUDA tensor
+    target costs one device-to-host copy per call), so scale never matters: (1e-40, 1e-40) and
+    (3e38, 3e38) are exactly (0.5, 0.5); an entry more than ~1e308 times smaller than the largest
+    becomes 0; targets are renormalised over S_i, and a query whose S_i targets are all 0 is left
+    unchanged. Non-finite or non-positive targets raise ValueError naming ``target``.
 
     Returns o (B, Hq, Lq, D) in q's dtype, or ``(o, masses)`` with ``return_masses=True``: the
-    pre-reallocation masses (B, Hq, Lq, M) in float32. ``strength=0`` without bias is plain softmax
-    attention.
+    pre-reallocation masses (B, Hq, Lq, M) in float32. A query without a visible key outputs zeros.
+    ``strength=0`` without bias is plain softmax attention (with the window and softcap applied).
+    ``backend``: "auto" (Triton on CUDA, PyTorch on CPU), "torch" or "triton". The Triton backend
+    does not implement ``window``, ``softcap``, ``balance_by="contribution"`` or per-head targets
+    yet: it raises NotImplementedError naming the argument (use ``backend="torch"``).
     """
     args = check_ar_args(q, k, v, key_modality, num_modalities=num_modalities, balance=balance, target=target,
                          strength=strength, threshold=threshold, modality_bias=modality_bias, causal=causal,
-                         scale=scale, query_mask=query_mask, validate=validate)
+                         scale=scale, query_mask=query_mask, validate=validate, window=window, softcap=softcap,
+                         balance_by=balance_by)
     if not isinstance(return_masses, bool):
         raise TypeError(f"return_masses: expected a bool, got {type(return_masses).__name__}")
     run = implementation("ar_attention", backend, q.device)
     return run(q, k, v, key_modality, num_modalities=args.num_modalities, balance=args.balance,
                target=args.target, strength=args.strength, threshold=args.threshold,
                modality_bias=args.modality_bias, causal=args.causal, scale=args.scale,
-               query_mask=query_mask, return_masses=return_masses, **backend_options)
+               query_mask=query_mask, window=args.window, softcap=args.softcap, balance_by=args.balance_by,
+               return_masses=return_masses, **backend_options)

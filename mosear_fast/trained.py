@@ -75,6 +75,19 @@ def adapter_state_dict(model_or_state) -> dict[str, torch.Tensor]:
     return out
 
 
+def read_safetensors(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a file that is not one (truncated, another format) is a
+    ValueError naming it and ``what`` it should be, not the library's own error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: not a readable safetensors file ({what}): {reason}") from None
+
+
 def adapted_prefix(model) -> str:
     """The state-dict prefix of the module ``apply_mosear`` was given ("" for the model itself, "llm." for
     the built-in audio-visual LM): the outermost module that holds the modality context."""
@@ -110,10 +123,8 @@ def load_adapter(model, path: str | os.PathLike, *, prefix: str | None = None) -
     """Load an adapter file into ``model`` (in place): PEFT's names (``adapter_model.safetensors``, mapped
     onto the module at ``prefix``, default: the one ``apply_mosear`` prepared) or the first format's
     state-dict names. Every adapter tensor of the model must be in the file with its shape, and the file
-    must hold nothing else: a mismatch is a ValueError naming it."""
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path))
+    must hold nothing else: a mismatch, or a file that is not safetensors, is a ValueError naming it."""
+    tensors = read_safetensors(path, "the MoSE adapter tensors")
     if any(name.startswith(PEFT_PREFIX) for name in tensors):
         tensors = from_peft_keys(tensors, adapted_prefix(model) if prefix is None else prefix)
     expected = adapter_state_dict(model)
@@ -184,8 +195,6 @@ def read_configs(folder: str | os.PathLike):
 def load_backbone(folder: str | os.PathLike, reference: dict | None = None):
     """The frozen built-in backbone (an ``AudioVisualLM``, eval mode) described by ``folder/backbone.json``
     (or by ``reference``, its content)."""
-    from safetensors.torch import load_file
-
     from .av_model import build_demo_model
 
     folder = Path(folder)
@@ -198,7 +207,12 @@ def load_backbone(folder: str | os.PathLike, reference: dict | None = None):
         path = folder / ref["weights"]
         if not path.is_file():
             raise ValueError(f"{folder / BACKBONE_FILE}: weights file {path} does not exist")
-        model.load_state_dict(load_file(str(path)), strict=True)
+        state = read_safetensors(path, "the backbone weights backbone.json names")
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as err:  # missing/unexpected keys or shapes: another backbone's weights
+            raise ValueError(f"{path}: the weights do not fit the backbone of {folder / BACKBONE_FILE} "
+                             f"({str(err).strip().splitlines()[0]})") from None
     return model.eval()
 
 
@@ -241,5 +255,6 @@ __all__ = [
     "ADAPTER_CONFIG_FILE", "ADAPTER_FILE", "ADAPTER_MARK", "AR_CONFIG_FILE", "BACKBONE_FILE", "BACKBONE_FORMAT",
     "BACKBONE_WEIGHTS_FILE", "BUILDER", "LEGACY_ADAPTER_FILE", "MOSE_CONFIG_FILE", "PEFT_PREFIX",
     "adapted_prefix", "adapter_state_dict", "from_peft_keys", "is_trained_folder", "load_adapter", "load_backbone",
-    "load_base", "load_trained", "mose_config_from_dict", "read_configs", "read_json", "to_peft_keys",
+    "load_base", "load_trained", "mose_config_from_dict", "read_configs", "read_json", "read_safetensors",
+    "to_peft_keys",
 ]

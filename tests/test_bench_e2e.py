@@ -129,15 +129,18 @@ def test_e2e_onnxruntime_skips_with_reason(tiny, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("exporter exploded\nsecond line")
 
+    import mosear_fast.export.pipeline as export_pipeline
+
     monkeypatch.setattr(models, "export_onnx_file", broken)
+    monkeypatch.setattr(export_pipeline, "write_graph", broken)  # the decode variant's --with-past graph
     result = e2e.run(tiny, CPU, variants=["backbone", "mosear_fast", "onnxruntime"], log=lambda s: None)
     (model,) = result["models"]
-    for row in model["prefill"]:
-        reason = "export or session failed: RuntimeError: exporter exploded"
+    reason = "export or session failed: RuntimeError: exporter exploded"
+    for row in model["prefill"] + model["decode"]:
         assert row["variants"]["onnxruntime"] == {"skipped": reason}
         assert "median_ms" in row["variants"]["mosear_fast"]
-    assert "onnxruntime" not in model["decode"][0]["variants"]
     assert model["onnx"]["skipped"].startswith("export or session failed")
+    assert model["onnx"]["decode"]["skipped"] == reason
 
 
 def test_e2e_onnxruntime_runs_the_exported_graph(tiny):
@@ -148,6 +151,10 @@ def test_e2e_onnxruntime_runs_the_exported_graph(tiny):
     assert onnx["provider"] == "CPUExecutionProvider" and onnx["api"].startswith("mosear_fast.export")
     for row in model["prefill"]:
         assert row["variants"]["onnxruntime"]["median_ms"] > 0
+    for row in model["decode"]:  # the --with-past graph through OnnxGenerator
+        cell = row["variants"]["onnxruntime"]
+        assert cell["median_ms"] > 0 and cell["per_token_ms"] == pytest.approx(cell["median_ms"] / row["new_tokens"])
+    assert onnx["decode"]["provider"] == "CPUExecutionProvider"
     assert model["parity"]["onnxruntime_vs_fast_rel_err"] < 1e-3
 
 

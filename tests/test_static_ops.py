@@ -58,6 +58,16 @@ AR_CASES = {
     "not_causal_bias_target": dict(shape=(2, 2, 1, 6, 10, 8),
                                    kw=dict(causal=False, modality_bias=(0.0, -1.0, 0.5), target=(1.0, 3.0))),
     "threshold_strength1": dict(shape=(1, 2, 2, 8, 8, 8), kw=dict(strength=1.0, threshold=0.1)),
+    # DESIGN 2.2b; targets as validation hands them over (normalised tuples; per head: Hq rows)
+    "window": dict(shape=(2, 4, 2, 9, 12, 8), kw=dict(window=4)),
+    "window_lq_gt_lk": dict(shape=(1, 2, 1, 7, 4, 8), kw=dict(window=2)),
+    "softcap": dict(shape=(2, 4, 2, 9, 9, 8), kw=dict(softcap=0.7, scale=1.0)),
+    "contribution": dict(shape=(2, 4, 2, 9, 9, 8), kw=dict(balance_by="contribution", strength=0.8)),
+    "contribution3": dict(shape=(1, 2, 1, 10, 10, 8), kw=dict(balance_by="contribution", balance=(0, 1, 2),
+                                                              target=(0.2, 0.3, 0.5), threshold=0.02)),
+    "per_head_all": dict(shape=(1, 4, 2, 8, 11, 8), kw=dict(
+        window=5, softcap=2.0, balance_by="contribution", modality_bias=(0.1, -0.3, 0.2),
+        target=((0.5, 0.5), (0.9, 0.1), (0.2, 0.8), (0.6, 0.4)))),
 }
 
 
@@ -112,21 +122,60 @@ def test_static_forms_are_picked_only_while_exporting():
     assert seen == {"exporting": True, "mose": "mose_lora_static", "ar": "ar_attention_static"}
 
 
+def test_ar_static_contribution_gradients_match_reference():
+    d = make_ar_inputs(1, 4, 2, 6, 8, 8, seed=3)
+    kw = dict(num_modalities=3, balance=(1, 2), target=((0.5, 0.5), (0.7, 0.3), (0.1, 0.9), (0.4, 0.6)),
+              strength=0.7, threshold=0.0, modality_bias=None, causal=True, scale=8 ** -0.5, window=5, softcap=1.5,
+              balance_by="contribution")
+    leaves = [d[n].clone().requires_grad_(True) for n in "qkv"]
+    ref_leaves = [d[n].double().requires_grad_(True) for n in "qkv"]
+    o = ar_attention_static(*leaves, d["key_modality"], **kw, query_mask=None, return_masses=False)
+    ref_o, _ = ar_attention_reference(*ref_leaves, d["key_modality"], **kw)
+    weights = torch.randn(o.shape, generator=torch.Generator().manual_seed(2))
+    grads = torch.autograd.grad((o * weights).sum(), leaves)
+    ref_grads = torch.autograd.grad((ref_o * weights.double()).sum(), ref_leaves)
+    for g, r, n in zip(grads, ref_grads, "qkv"):
+        assert_close(g, r, torch.float32, what=f"grad {n}")
+
+
 class _Ops(torch.nn.Module):
+    def __init__(self, **ar_options):
+        super().__init__()
+        self.ar_options = ar_options
+
     def forward(self, x, modality, expert, gate, A, B, q, k, v, key_modality):
         y = mose_lora(x, modality, expert, gate, A, B, 0.5)
-        o = ar_attention(q, k, v, key_modality, num_modalities=3)
+        o = ar_attention(q, k, v, key_modality, num_modalities=3, **self.ar_options)
         return y, o
 
 
-def test_static_forms_export_without_data_dependent_nodes(tmp_path):
+EXPORT_AR_OPTIONS = {
+    "plain": {},
+    # a sliding window, softcap, contribution balancing and per-head targets: all in standard ops
+    "options": dict(window=3, softcap=5.0, balance_by="contribution", target=((1.0, 2.0), (3.0, 1.0))),
+}
+
+
+@pytest.mark.parametrize("options", sorted(EXPORT_AR_OPTIONS))
+def test_static_forms_export_without_data_dependent_nodes(tmp_path, options):
+    ort = pytest.importorskip("onnxruntime")
     d = make_mose_inputs(12, 8, 8, top_k=2)
-    a = make_ar_inputs(1, 2, 1, 6, 6, 8)
+    a = make_ar_inputs(1, 2, 1, 6, 6, 8, layout="av")
     args = (d["x"], d["modality"], d["expert"], d["gate"], d["A"], d["B"], a["q"], a["k"], a["v"], a["key_modality"])
     n, length = torch.export.Dim("n", min=2, max=64), torch.export.Dim("len", min=2, max=64)
     dynamic = ({0: n}, {0: n}, {0: n}, {0: n}, None, None, {2: length}, {2: length}, {2: length}, {1: length})
     path = tmp_path / "ops.onnx"
-    torch.onnx.export(_Ops(), args, str(path), dynamo=True, dynamic_shapes=dynamic)
-    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    module = _Ops(**EXPORT_AR_OPTIONS[options])
+    torch.onnx.export(module, args, str(path), dynamo=True, dynamic_shapes=dynamic)
+    graph = onnx.load(str(path)).graph
+    ops = {node.op_type for node in graph.node}
     assert not ops & {"NonZero", "ScatterND", "ScatterElements", "Loop", "If"}, ops
     assert "MatMul" in ops
+    # the graph runs at another length and matches the eager op (the window and caps are not baked in)
+    b = make_ar_inputs(1, 2, 1, 11, 11, 8, layout="av", seed=4)
+    args = args[:6] + (b["q"], b["k"], b["v"], b["key_modality"])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {i.name: t.numpy() for i, t in zip(session.get_inputs(), args)}
+    _, o = session.run(None, feed)
+    _, expected = module(*args)
+    assert_close(torch.from_numpy(o), expected, torch.float32, what="onnxruntime AR output")

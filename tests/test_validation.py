@@ -96,6 +96,29 @@ AR_BAD = [
     ("causal", dict(causal=1), TypeError),
     ("scale", dict(scale=float("nan")), ValueError),
     ("return_masses", dict(return_masses="yes"), TypeError),
+    # DESIGN 2.2b options (q has Hq = 4 heads, balance (1, 2))
+    ("window", dict(window=0), ValueError),
+    ("window", dict(window=2.0), TypeError),
+    ("window", dict(window=True), TypeError),
+    ("window", dict(window=3, causal=False), ValueError),
+    ("softcap", dict(softcap=0.0), ValueError),
+    ("softcap", dict(softcap=-1.0), ValueError),
+    ("softcap", dict(softcap=float("inf")), ValueError),
+    ("softcap", dict(softcap="30"), TypeError),
+    ("balance_by", dict(balance_by="norm"), ValueError),
+    ("balance_by", dict(balance_by=1), TypeError),
+    ("target", dict(target=(1.0, float("nan"))), ValueError),
+    ("target", dict(target=(float("inf"), 1.0)), ValueError),
+    ("target", dict(target=(0.0, 1.0)), ValueError),
+    ("target", dict(target=torch.tensor([1.0, 2.0, 3.0])), ValueError),
+    ("target", dict(target=torch.ones(3, 2)), ValueError),  # per-head rows must be Hq = 4
+    ("target", dict(target=torch.ones(4, 2, 1)), ValueError),
+    ("target", dict(target=torch.tensor([[1.0, 1.0]] * 3 + [[1.0, 0.0]])), ValueError),
+    ("target", dict(target=torch.tensor([[1.0, 1.0]] * 3 + [[1.0, float("nan")]])), ValueError),
+    ("target", dict(target=torch.ones(2, dtype=torch.long)), ValueError),
+    ("target", dict(target=((1.0, 1.0),) * 3), ValueError),
+    ("target", dict(target="12"), TypeError),
+    ("target", dict(target=(1.0, (1.0, 2.0))), TypeError),
     ("backend", dict(backend="flash"), ValueError),
 ]
 
@@ -120,3 +143,15 @@ def test_no_partial_write_on_bad_input():
     with pytest.raises(ValueError, match="modality"):
         mose_lora(*(args[n] for n in ("x", "modality", "expert", "gate", "A", "B", "scale", "out")), inplace=True)
     assert torch.equal(args["out"], before)
+
+
+def test_ar_target_normalisation():
+    """Targets reach the backends normalised in float64 (issue 17: scale never matters)."""
+    from mosear_fast._validation import check_target
+
+    assert check_target("target", (1e-40, 1e-40), 2) == (0.5, 0.5)
+    assert check_target("target", (3e38, 3e38), 2) == (0.5, 0.5)
+    assert check_target("target", (1.7e308, 1.7e308, 1.7e308), 3) == (1 / 3, 1 / 3, 1 / 3)
+    assert check_target("target", (1e-300, 1e300), 2) == (0.0, 1.0)
+    assert check_target("target", torch.tensor([[2.0, 6.0], [5.0, 5.0]]), 2, n_q_heads=2) == ((0.25, 0.75), (0.5, 0.5))
+    assert check_target("target", None, 2) is None

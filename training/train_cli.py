@@ -130,7 +130,7 @@ def builtin_setup(s: dict):
         reference = {**reference, "weights": str(weights)}
     try:
         model = load_backbone(Path("."), reference)  # absolute weights path: resolved as is
-    except (RuntimeError, SafetensorError) as e:  # not safetensors, or tensors of another backbone
+    except (ValueError, RuntimeError, SafetensorError) as e:  # not safetensors, or tensors of another backbone
         raise ValueError(f"backbone_weights: {s['backbone_weights']}: not this backbone's weights "
                          f"({str(e).splitlines()[0]})") from None
     if weights is not None:  # the file is copied beside the adapter; backbone.json names the copy
