@@ -78,7 +78,8 @@ def build_model(tokenizer, *, seed: int = 0, hidden: int = 64, layers: int = 2):
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         tie_word_embeddings=False, video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+                         tie_word_embeddings=False, initializer_range=0.15,  # logits wide enough to fit answers
+                         video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
                          audio_token_index=tokenizer.convert_tokens_to_ids("<audio>"))
     with torch.random.fork_rng():
         torch.manual_seed(seed)
