@@ -13,6 +13,7 @@ mode, offline (``local_files_only``). Every problem is a ValueError naming the f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -62,6 +63,21 @@ def base_reference(folder: str | os.PathLike, *, name: str = "model") -> dict:
     return {"format": HF_FORMAT, "path": str(folder.resolve()), "class": model_class_name(folder, name=name)}
 
 
+def load_text_config(reference: dict, *, name: str = "model"):
+    """The base's configuration of its language model (``get_text_config()``: vocabulary size, positions),
+    read without loading weights."""
+    from transformers import AutoConfig
+
+    folder = Path(str(reference.get("path")))
+    _config_dict(folder, name)
+    try:
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{name}: {folder}/config.json does not load ({reason})") from None
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def load_base_model(reference: dict, *, name: str = "model"):
     """The model of a ``base_reference``: its class, float32, sdpa attention, eval mode, every parameter frozen."""
     import torch
@@ -99,4 +115,18 @@ def load_tokenizer(folder: str | os.PathLike, *, name: str = "model"):
     return tokenizer
 
 
-__all__ = ["HF_FORMAT", "base_reference", "load_base_model", "load_tokenizer", "model_class_name"]
+@contextlib.contextmanager
+def transformers_progress(enabled: bool):
+    """transformers' own progress bars (loading weights, writing shards) on or off while the block runs."""
+    from transformers.utils import logging
+
+    before = logging.is_progress_bar_enabled()
+    (logging.enable_progress_bar if enabled else logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (logging.enable_progress_bar if before else logging.disable_progress_bar)()
+
+
+__all__ = ["HF_FORMAT", "base_reference", "load_base_model", "load_text_config", "load_tokenizer", "model_class_name",
+           "transformers_progress"]

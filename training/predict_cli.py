@@ -181,7 +181,10 @@ def main(argv=None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        n = run(args)
+        from mosear_fast.base_model import transformers_progress
+
+        with transformers_progress(not args.no_progress):
+            n = run(args)
     except (ValueError, OSError) as e:
         print(f"{PROG}: error: {describe(e)}", file=sys.stderr)
         return 2

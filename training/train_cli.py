@@ -139,8 +139,9 @@ def builtin_setup(s: dict):
 
 
 def hf_setup(s: dict, mose):
-    """A Hugging Face model folder: ``(model, dataset, collator, backbone.json content, None)``."""
-    from mosear_fast.base_model import base_reference, load_base_model, load_tokenizer
+    """A Hugging Face model folder: ``(model, dataset, collator, backbone.json content, None)``. The rows
+    are checked before the weights load."""
+    from mosear_fast.base_model import base_reference, load_base_model, load_text_config, load_tokenizer
 
     from .token_rows import TokenRows, TokenRowsCollator, forward_arguments
 
@@ -148,21 +149,21 @@ def hf_setup(s: dict, mose):
                     and s[f.name] != f.default]
     if builtin_only:
         raise ValueError(f"{builtin_only[0]}: applies to the built-in model only, not to --model {s['model']}")
+    folder = Path(s["model"])
+    reference = base_reference(folder, name="model")
     if s["train_data"] == "synthetic":
         raise ValueError("train_data: with --model, expected a JSONL file of rows ({id, input_ids, labels} or "
                          "{id, prompt, answer}); 'synthetic' is the built-in model's data")
     path = Path(s["train_data"])
     if not path.is_file():
         raise ValueError(f"train_data: {path} is not a file; expected a JSONL file of training rows")
-    folder = Path(s["model"])
-    reference = base_reference(folder, name="model")
-    model = load_base_model(reference, name="model")
+    text_config = load_text_config(reference, name="model")
     has_tokenizer = any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
     tokenizer = load_tokenizer(folder) if has_tokenizer else None
-    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    dataset = TokenRows(path, tokenizer=tokenizer, vocab_size=model.get_input_embeddings().num_embeddings,
+    dataset = TokenRows(path, tokenizer=tokenizer, vocab_size=int(text_config.vocab_size),
                         num_modalities=len(mose.modalities),
                         max_length=getattr(text_config, "max_position_embeddings", None))
+    model = load_base_model(reference, name="model")
     pad_id = next((v for v in (getattr(tokenizer, "pad_token_id", None), getattr(text_config, "pad_token_id", None))
                    if isinstance(v, int) and v >= 0), 0)
     collator = TokenRowsCollator(pad_id=pad_id, forward_arguments=forward_arguments(model))
@@ -243,7 +244,10 @@ def main(argv=None) -> int:
     settings = None
     try:
         settings = resolve_settings(read_yaml(config) if config else {}, parsed)
-        out = run(settings)
+        from mosear_fast.base_model import transformers_progress
+
+        with transformers_progress(settings["progress"]):
+            out = run(settings)
     except (ValueError, OSError) as e:
         note = ""
         with contextlib.suppress(ValueError):  # (no staging folder for a bad output_dir)
