@@ -159,7 +159,7 @@ def predict_builtin(model, args, labels, device, progress) -> list[dict]:
     try:
         names = list(EMOTIONS) if labels is None else [normalize_label(label) for label in labels]
     except ValueError as e:
-        raise ValueError(f"--labels: the built-in model answers with one of {list(EMOTIONS)} ({e})") from None
+        raise ValueError(f"--labels: {e}") from None
     tokens = torch.tensor([FIRST_EMOTION_ID + EMOTIONS.index(name) for name in names], device=device)
     dataset = ManifestDataset(args.data, modalities=("visual", "audio"))
     collate = AVCollator(with_answers=False)
