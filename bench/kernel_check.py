@@ -1,8 +1,9 @@
 """``python -m bench.kernel_check``: the compiled Triton kernels against the float64 references.
 
 A short, self-contained check for the GPU script (it does not go through the test suite's conftest,
-which switches the Triton interpreter on): ``mose_lora`` (forward and the gradients of x, gate, A, B)
-and ``ar_attention`` (prefill with a query mask, and decode; output and masses) on a few shapes, in
+which switches the Triton interpreter on): ``mose_lora`` (forward and the gradients of x, gate, A, B),
+the fused ``mose_linear`` Triton op (y, update norms, gradients of x, gate, A, B, W) and
+``ar_attention`` (prefill with a query mask, and decode; output and masses) on a few shapes, in
 float32 and bfloat16, with the Triton backend, each compared with the naive float64 reference of
 ``kernels/*/reference.py`` under the tolerance table (``mosear_fast.tolerances``). Without CUDA it
 runs the same checks on tiny shapes through the Triton interpreter (``TRITON_INTERPRET=1`` must be
@@ -62,6 +63,40 @@ def check_mose(case, dtype, device) -> dict:
     return dict(errors=errors, tolerance=tol, passed=all(e <= tol for e in errors.values()))
 
 
+def check_mose_linear(case, dtype, device) -> dict:
+    """The fused base + adapter op (``mose_linear_triton``): y, the update norms and the gradients of
+    x, gate, A, B and W against F.linear + the float64 reference."""
+    from mosear_fast.kernels.mose.function import mose_linear_triton
+    from mosear_fast.kernels.mose.reference import mose_lora_reference
+    from mosear_fast.tolerances import rel_error, tolerance
+    from tests.cases import make_mose_inputs
+
+    inputs = make_mose_inputs(case["n"], case["d_in"], case["d_out"], rank=case["r"], top_k=case["top_k"],
+                              dtype=dtype, device=device, seed=4, with_out=False)
+    inputs["W"] = (torch.randn(case["d_out"], case["d_in"], device=device) * case["d_in"] ** -0.5).to(dtype)
+    bias = torch.randn(case["d_out"], device=device).to(dtype)
+    names = ("x", "gate", "A", "B", "W")
+    leaves = {n: inputs[n].detach().clone().requires_grad_(True) for n in names}
+    y, norm = mose_linear_triton(leaves["x"], leaves["W"], bias, inputs["modality"], inputs["expert"], leaves["gate"],
+                                 leaves["A"], leaves["B"], inputs["scale"].float(), return_update_norm=True)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    ref_leaves = {n: leaves[n].detach().cpu().double().requires_grad_(True) for n in names}
+    modality, expert, scale = inputs["modality"].cpu(), inputs["expert"].cpu(), inputs["scale"].cpu()
+    base = torch.nn.functional.linear(ref_leaves["x"], ref_leaves["W"], bias.cpu().double())
+    ref = mose_lora_reference(ref_leaves["x"], modality, expert, ref_leaves["gate"], ref_leaves["A"],
+                              ref_leaves["B"], scale, base)
+    ref.backward(dy.cpu().double())
+    ref_norm = mose_lora_reference(ref_leaves["x"], modality, expert, ref_leaves["gate"], ref_leaves["A"],
+                                   ref_leaves["B"], torch.ones_like(scale, dtype=torch.float64)).norm(dim=1)
+    tol = tolerance(dtype, tf32=dtype == torch.float32 and device.type == "cuda")
+    base = base.detach()
+    errors = {"y": rel_error(y, ref), "update": rel_error(y.detach().cpu().double() - base, ref.detach() - base),
+              "update_norm": rel_error(norm, ref_norm.detach())}
+    errors.update({f"grad_{n}": rel_error(leaves[n].grad, ref_leaves[n].grad) for n in names})
+    return dict(errors=errors, tolerance=tol, passed=all(e <= tol for e in errors.values()))
+
+
 def check_ar(case, dtype, device) -> dict:
     from mosear_fast import ar_attention
     from mosear_fast.kernels.ar_attention.reference import ar_attention_reference
@@ -86,6 +121,7 @@ def run(device: torch.device, log=print) -> dict:
     on_gpu = device.type == "cuda"
     checks = []
     for op, cases, fn in (("mose_lora", GPU_MOSE if on_gpu else CPU_MOSE, check_mose),
+                          ("mose_linear", GPU_MOSE if on_gpu else CPU_MOSE, check_mose_linear),
                           ("ar_attention", GPU_AR if on_gpu else CPU_AR, check_ar)):
         for case in cases:
             for dtype in (torch.float32, torch.bfloat16):

@@ -1,9 +1,12 @@
 """MoSE cases of the kernel report: every GPU preset shape, forward and backward, through the unfused
-``mose_lora`` Triton path (as ``MoSELinear`` calls it: ``out`` = the base output) and the fused
-``mose_linear``; variants (top-2, no out, in place, deterministic, fp16/fp32) at the headline shape.
+``mose_lora`` Triton path (``out`` = the base output) and the fused ``mose_linear_triton`` (what
+``MoSELinear`` calls without dropout); variants (top-2, no out, in place, deterministic, update norms,
+fp16/fp32) at the headline shape.
 
-The launches come from the autograd Functions' entry points (``mose_lora_triton``, ``mose_linear``)
-and a ``backward`` through them, so every backward kernel the training step runs is captured.
+The launches come from the autograd Functions' entry points (``mose_lora_triton``,
+``mose_linear_triton``) and a ``backward`` through them, so every backward kernel the training step
+runs is captured. The fused op's cuBLAS GEMMs (``addmm_`` with beta = 1) are not Triton launches and
+do not appear.
 """
 
 from __future__ import annotations
@@ -24,7 +27,10 @@ VARIANTS = {
     "noout": dict(with_out=False),
     "inplace": dict(inplace=True),
     "deterministic": dict(deterministic=True),
+    "norm": dict(update_norm=True),
+    "top2+deterministic": dict(top_k=2, deterministic=True),  # the only path that sorts pairs too
 }
+LINEAR_ONLY, LORA_ONLY = {"update_norm"}, {"with_out", "inplace"}
 DTYPE_VARIANTS = (torch.float16, torch.float32)
 
 
@@ -53,14 +59,23 @@ def _run_lora(n_tokens, d_in, d_out, rank, n_modalities, n_experts, dtype, *, to
     y.backward(torch.empty_like(y))
 
 
-def _run_linear(n_tokens, d_in, d_out, rank, n_modalities, n_experts, dtype, *, top_k=1, deterministic=False):
-    from mosear_fast.kernels.mose.fused_linear import mose_linear
+def _run_linear(n_tokens, d_in, d_out, rank, n_modalities, n_experts, dtype, *, top_k=1, deterministic=False,
+                update_norm=False):
+    from unittest import mock
+
+    from mosear_fast.kernels.mose import function
+    from mosear_fast.kernels.mose.function import mose_linear_triton
 
     x, modality, expert, gate, A, B, scale_vec = _inputs(n_tokens, d_in, d_out, rank, n_modalities, n_experts,
                                                          top_k, dtype)
     W = torch.empty(d_out, d_in, dtype=dtype)
-    y = mose_linear(x, W, None, modality, expert, gate, A, B, scale_vec, deterministic=deterministic)
-    y.backward(torch.empty_like(y))
+    # the base GEMMs are cuBLAS calls, not Triton launches: left out (on CPU tensors they would run)
+    with mock.patch.object(function, "_gemm_accumulate", lambda out, a, b: out):
+        y = mose_linear_triton(x, W, None, modality, expert, gate, A, B, scale_vec,
+                               return_update_norm=update_norm, deterministic=deterministic)
+        if update_norm:
+            y = y[0]
+        y.backward(torch.empty_like(y))
 
 
 def _roofline(kind: str, n, d_in, d_out, r, k, size) -> dict:
@@ -74,13 +89,16 @@ def _roofline(kind: str, n, d_in, d_out, r, k, size) -> dict:
 
 def _case(kind: str, shape: dict, dtype: torch.dtype, flags: dict, variant: str = "") -> Case:
     top_k = flags.get("top_k", shape["top_k"])
+    suffix = variant.removeprefix("top2").lstrip("+")  # top-2 is in the name already
     name = (f"{kind}-{shape['d_in']}x{shape['d_out']}-n{shape['n_tokens']}-r{shape['rank']}-top{top_k}-"
-            f"{DTYPE_SHORT[dtype]}" + (f"+{variant}" if variant and variant != "top2" else ""))
+            f"{DTYPE_SHORT[dtype]}" + (f"+{suffix}" if suffix else ""))
     dims = dict(n_tokens=shape["n_tokens"], d_in=shape["d_in"], d_out=shape["d_out"], rank=shape["rank"],
                 n_modalities=shape["n_modalities"], n_experts=shape["n_experts"])
     defaults = dict(top_k=shape["top_k"], deterministic=False)
     if kind == "lora":
         defaults.update(with_out=True, inplace=False)
+    else:
+        defaults.update(update_norm=False)
     full = {**defaults, **flags}
     run = functools.partial(_run_lora if kind == "lora" else _run_linear, **dims, dtype=dtype, **full)
     params = dict(entry="mose_lora" if kind == "lora" else "mose_linear", **dims, dtype=dtype_name(dtype), **full,
@@ -105,8 +123,8 @@ def cases() -> list[Case]:
     for name in MAIN:
         kind, shape = name.split("-", 1)[0], shapes[name]
         for variant, flags in VARIANTS.items():
-            if kind == "linear" and set(flags) & {"with_out", "inplace"}:
-                continue  # mose_linear has no out
+            if set(flags) & (LORA_ONLY if kind == "linear" else LINEAR_ONLY):
+                continue  # mose_linear has no out; mose_lora no update norms
             case = _case(kind, shape, torch.bfloat16, flags, variant)
             found.setdefault(case.name, case)
         for dtype in DTYPE_VARIANTS:
@@ -116,17 +134,20 @@ def cases() -> list[Case]:
 
 
 def dots(kernel: str, c: dict) -> list[Dot] | None:
-    """The dots of one pass of each MoSE kernel (per loop body over d, per group present in a block)."""
+    """The dots of one pass of each MoSE kernel (per loop body over d, per combo of groups in a block)."""
     top_k = c.get("TOP_K", 1)
     bt, br = c.get("BLOCK_T"), c.get("BLOCK_R")
     table = {
+        "mose_route_kernel": lambda: [],  # a counting sort: no dots
         "mose_shrink_kernel": lambda: [Dot(bt, br, c["BLOCK_K"])],  # h += x A^T
-        "mose_expand_kernel": lambda: [Dot(bt, c["BLOCK_N"], br, count=top_k)],  # y += (g h) B^T, per choice
-        "mose_expand_bwd_kernel": lambda: [Dot(bt, br, c["BLOCK_N"], count=top_k)],  # dh += dy B, per choice
-        "mose_shrink_bwd_kernel": lambda: [Dot(bt, c["BLOCK_K"], br)],  # dx = dh A
-        "mose_shrink_wgrad_kernel": lambda: [Dot(br, c["BLOCK_K"], bt)],  # dA += dh^T x
-        "mose_expand_wgrad_kernel": lambda: [Dot(c["BLOCK_N"], br, bt)],  # dB += dy^T (g h)
-        "mose_linear_kernel": lambda: [Dot(bt, c["BLOCK_N"], c["BLOCK_K"]), Dot(bt, c["BLOCK_N"], br, count=top_k)],
-        "mose_linear_bwd_dx_kernel": lambda: [Dot(bt, c["BLOCK_K"], c["BLOCK_N"]), Dot(bt, c["BLOCK_K"], br)],
+        "mose_expand_kernel": lambda: [Dot(bt, c["BLOCK_N"], br, count=top_k)],  # u += (g h) B^T, per choice
+        # g_j += dy B_j per choice; with FUSE_DB also dB_j += dy^T (g h) per choice
+        "mose_dy_kernel": lambda: [Dot(bt, br, c["BLOCK_N"], count=top_k)]
+        + ([Dot(c["BLOCK_N"], br, bt, count=top_k)] if c.get("FUSE_DB") else []),
+        # dx = dh A (WRITE_DX); dA += dh^T x (FUSE_DA)
+        "mose_x_kernel": lambda: ([Dot(bt, c["BLOCK_K"], br)] if c.get("WRITE_DX") else [])
+        + ([Dot(br, c["BLOCK_K"], bt)] if c.get("FUSE_DA") else []),
+        "mose_wgrad_A_kernel": lambda: [Dot(br, c["BLOCK_K"], bt)],  # dA += dh^T x
+        "mose_wgrad_B_kernel": lambda: [Dot(c["BLOCK_N"], br, bt)],  # dB += dy^T (g h)
     }
     return table[kernel]() if kernel in table else None
