@@ -3,9 +3,10 @@
 A base is a local folder written by ``save_pretrained`` (``config.json`` + weights, and for text
 models the tokenizer files). The model class is the one the folder's config names
 (``config.architectures[0]``: ``LlamaForCausalLM``, ``Qwen2ForCausalLM``, the Qwen2.5-Omni thinker
-``Qwen2_5OmniThinkerForConditionalGeneration``, ...), else ``AutoModelForCausalLM``'s choice for the
-config type. Models load in float32 with ``attn_implementation="sdpa"`` (what AR replaces), in eval
-mode, offline (``local_files_only``). Every problem is a ValueError naming the folder.
+``Qwen2_5OmniThinkerForConditionalGeneration``, ...; for a whole Qwen2.5-Omni checkpoint, its
+thinker), else ``AutoModelForCausalLM``'s choice for the config type. Models load in float32 with
+``attn_implementation="sdpa"`` (what AR replaces), in eval mode, offline (``local_files_only``).
+Every problem is a ValueError naming the folder.
 
 ``base_reference`` is what a ``mosear-train`` output folder stores about such a base (its
 ``backbone.json``, format ``transformers-folder/1``); ``mosear_fast.trained`` reads it back.
@@ -37,16 +38,27 @@ def _config_dict(folder: Path, name: str) -> dict:
     return content
 
 
+# Composite checkpoints whose MoSE-relevant part is one model of its own: an Omni model's thinker reads
+# the audio, video and text and writes the answer (its talker only speaks the answer), and the thinker
+# class loads its weights straight from the full checkpoint.
+TRAINED_PART = {
+    "Qwen2_5OmniForConditionalGeneration": "Qwen2_5OmniThinkerForConditionalGeneration",
+    "Qwen3OmniMoeForConditionalGeneration": "Qwen3OmniMoeThinkerForConditionalGeneration",
+}
+
+
 def model_class_name(folder: str | os.PathLike, *, name: str = "model") -> str:
-    """The transformers class that loads ``folder``: ``config.architectures[0]`` when transformers has it,
-    else ``AutoModelForCausalLM``'s class for the config's ``model_type``."""
+    """The transformers class that loads ``folder``: ``config.architectures[0]`` when transformers has it
+    (an Omni checkpoint's thinker class, see ``TRAINED_PART``), else ``AutoModelForCausalLM``'s class for
+    the config's ``model_type``."""
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     folder = Path(folder)
     config = _config_dict(folder, name)
     for architecture in config.get("architectures") or ():
-        if isinstance(architecture, str) and hasattr(transformers, architecture):
+        architecture = TRAINED_PART.get(architecture, architecture) if isinstance(architecture, str) else None
+        if architecture is not None and hasattr(transformers, architecture):
             return architecture
     model_type = config.get("model_type")
     causal = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type) if isinstance(model_type, str) else None
