@@ -2,6 +2,7 @@
 
 Examples:
     python -m bench --op mose --preset cpu-small --mode fwd
+    OMP_NUM_THREADS=1 python -m bench --op mose --preset cpu-small --mode fwd --clock cpu --rounds 60  # shared CPU
     python -m bench --op ar --preset llama2-7b-prefill --providers sdpa,mosear_triton,eager_ar
 """
 
@@ -19,7 +20,7 @@ from mosear_fast.atomic import atomic_write_text
 from . import presets
 from .environment import describe
 from .registry import FLOORS, providers
-from .timing import measure
+from .timing import CLOCKS, measure, measure_rounds
 
 
 def parse_args(argv):
@@ -34,12 +35,18 @@ def parse_args(argv):
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--min-seconds", type=float, default=0.5, help="timed seconds per measurement (default 0.5)")
     p.add_argument("--max-runs", type=int, default=100, help="at most this many timed runs (default 100)")
+    p.add_argument("--clock", default="wall", choices=CLOCKS,
+                   help="CPU timings: wall (default) or cpu, the process's CPU time, for a shared machine; "
+                        "cpu needs one thread (OMP_NUM_THREADS=1)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="CPU: time in this many interleaved rounds (every provider once per round) instead of "
+                        "provider after provider, so drifting machine load falls on all alike")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/<op>-<preset>-<mode>-<device>.json)")
     return p.parse_args(argv)
 
 
 def run(op, preset, mode, device, names=None, *, min_seconds=0.5, max_runs=100, log=print,
-        on_progress=None) -> dict:
+        on_progress=None, clock="wall", rounds=None) -> dict:
     """Measures every (case, provider) pair; returns the JSON-ready result dict. ``on_progress`` gets
     the partial result after every case (so a run stopped by a time limit keeps what it measured)."""
     registry = providers(op)
@@ -52,11 +59,22 @@ def run(op, preset, mode, device, names=None, *, min_seconds=0.5, max_runs=100, 
     if floor not in selected:
         selected.insert(0, floor)
     rows = []
-    result = dict(op=op, preset=preset, mode=mode, floor=floor, environment=describe(device),
+    environment = describe(device)
+    if clock == "cpu":
+        if device.type != "cpu" or torch.get_num_threads() != 1:
+            raise ValueError("clock: 'cpu' times one CPU thread; run with --device cpu and OMP_NUM_THREADS=1 "
+                             f"(got device {device.type}, {torch.get_num_threads()} threads)")
+        environment["clock"] = "process CPU time"
+    if rounds is not None:
+        if device.type != "cpu" or rounds < 1:
+            raise ValueError(f"rounds: interleaved rounds time CPU providers; expected >= 1 with --device cpu, got "
+                             f"{rounds} on {device.type}")
+        environment["rounds"] = rounds
+    result = dict(op=op, preset=preset, mode=mode, floor=floor, environment=environment,
                   providers={n: registry[n].description for n in selected}, results=rows)
     for case in presets.cases(op, preset, mode=mode, device=device):
         shape = {k: v for k, v in case.items() if k not in ("device", "dtype", "mode")}
-        timings = {}
+        timings, timed = {}, {}
         for name in selected:
             provider = registry[name]
             reason = provider.unavailable(case)
@@ -64,13 +82,19 @@ def run(op, preset, mode, device, names=None, *, min_seconds=0.5, max_runs=100, 
                 reason = "floor of the inference benchmark only"
             if reason is not None:
                 timings[name] = dict(skipped=reason)
-                continue
-            try:
-                timings[name] = measure(provider.setup(case), device, min_seconds=min_seconds, max_runs=max_runs)
-            except torch.OutOfMemoryError:
-                timings[name] = dict(skipped="out of memory")
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            elif rounds is not None:
+                timed[name] = provider.setup(case)
+            else:
+                try:
+                    timings[name] = measure(provider.setup(case), device, min_seconds=min_seconds,
+                                            max_runs=max_runs, clock=clock)
+                except torch.OutOfMemoryError:
+                    timings[name] = dict(skipped="out of memory")
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        if timed:
+            timings.update(measure_rounds(timed, rounds=rounds, clock=clock))
+            timings = {name: timings[name] for name in selected}
         floor_ms = timings.get(floor, {}).get("median_ms")
         work = presets.flops(op, case)
         for t in timings.values():
@@ -114,7 +138,7 @@ def main(argv=None) -> int:
 
     try:
         result = run(args.op, args.preset, args.mode, device, names, min_seconds=args.min_seconds,
-                     max_runs=args.max_runs, on_progress=save)
+                     max_runs=args.max_runs, on_progress=save, clock=args.clock, rounds=args.rounds)
     except ValueError as err:
         print(f"python -m bench: error: {err}", file=sys.stderr)
         return 2

@@ -31,6 +31,9 @@ def describe(device: torch.device) -> dict:
         name = torch.cuda.get_device_name(device)
     else:
         name = f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    return dict(device=name, device_type=device.type, torch=torch.__version__, triton=triton_version,
-                cuda=torch.version.cuda, python=platform.python_version(), commit=_commit(),
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    env = dict(device=name, device_type=device.type, torch=torch.__version__, triton=triton_version,
+               cuda=torch.version.cuda, python=platform.python_version(), commit=_commit(),
+               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    if device.type == "cpu":
+        env["threads"] = torch.get_num_threads()  # CPU timings depend on it (OMP_NUM_THREADS)
+    return env

@@ -34,8 +34,9 @@ PRESETS = {
         # LLaMA-2-7B q/v projections and the Qwen2.5-7B MLP up-projection, as in issue 3.
         "llama2-7b-qv": lambda: _mose(4096, 4096, [2048, 8192, 16384], [16, 64], torch.bfloat16),
         "qwen2.5-7b-mlp": lambda: _mose(3584, 18944, [2048, 8192, 16384], [16, 64], torch.bfloat16),
-        # Small enough for the 2-core CPU machine.
-        "cpu-small": lambda: _mose(1024, 1024, [512, 2048], [16], torch.float32),
+        # Small enough for the 2-core CPU machine (the shapes of issue 12's CPU figures).
+        "cpu-small": lambda: _mose(512, 512, [512], [16], torch.float32) + _mose(1024, 1024, [2048], [16],
+                                                                                   torch.float32),
     },
     "ar": {
         "llama2-7b-prefill": lambda: _ar("llama2-7b", [1, 4], [1024, 4096, 16384], False, torch.bfloat16),

@@ -51,6 +51,10 @@ def run_label(env: dict) -> str:
     if env.get("transformers"):
         parts.append(f"transformers {env['transformers']}")
     parts.append(f"commit {env.get('commit')}")
+    if env.get("clock"):
+        parts.append(f"timed by {env['clock']}")
+    if env.get("rounds"):
+        parts.append(f"{env['rounds']} interleaved rounds")
     return ", ".join(parts)
 
 

@@ -16,7 +16,7 @@ class UnsupportedModelError(ValueError):
 
 def check_exportable(model: torch.nn.Module) -> None:
     """Raises UnsupportedModelError for modules the exporter cannot turn into a static graph."""
-    from mosear_fast.mose_linear import MoSELinear
+    from mosear_fast.mose_layer import MoSELinear
 
     for name, module in model.named_modules():
         if isinstance(module, MoSELinear):

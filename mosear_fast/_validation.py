@@ -85,12 +85,40 @@ def _real(name, value, *, low=None, high=None):
 
 
 # --------------------------------------------------------------------------------------------
-# mose_lora
+# mose_lora and mose_linear (one validation of the shared arguments)
 # --------------------------------------------------------------------------------------------
 
 
-def check_mose_args(x, modality, expert, gate, A, B, scale, out, *, inplace, validate) -> torch.Tensor:
-    """Validates ``mose_lora``'s arguments; returns ``scale`` as an (M,) float32 tensor on x's device."""
+def _has_internal_overlap(t: torch.Tensor) -> bool:
+    """True when two elements of ``t`` may share memory (an expanded tensor, a stride-0 dim, ...).
+
+    Conservative: dims of size > 1, ordered by stride, must each step over the whole previous one."""
+    dims = sorted((st, size) for st, size in zip(t.stride(), t.shape, strict=True) if size > 1)
+    reach = 1
+    for st, size in dims:
+        if st < reach:
+            return True
+        reach = st * size
+    return False
+
+
+def _check_scale(scale, n_modalities, device) -> torch.Tensor:
+    if isinstance(scale, torch.Tensor):
+        if not scale.is_floating_point():
+            raise DTypeError(f"scale: expected a float or a floating-point (M,) tensor, got dtype {scale.dtype}")
+        if scale.dim() != 1 or scale.shape[0] != n_modalities:
+            raise _fail("scale", f"a float or an (M,) = ({n_modalities},) tensor", f"shape {tuple(scale.shape)}")
+        _same_device(device, scale=scale)
+        if scale.requires_grad and torch.is_grad_enabled():
+            # Neither backend differentiates scale (s * w_m: the dynamic weights are buffers).
+            raise ValueError("scale: expected a tensor that does not require grad (scale is not "
+                             "differentiated; pass scale.detach())")
+        return scale.detach().to(torch.float32)
+    return torch.full((n_modalities,), _real("scale", scale), dtype=torch.float32, device=device)
+
+
+def _check_mose_core(x, modality, expert, gate, A, B, scale, *, validate) -> tuple[torch.Tensor, int]:
+    """The arguments both MoSE ops share; returns (scale as (M,) float32 on x's device, d_out)."""
     _tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
     _tensor("A", A, ndim=3, dtypes=FLOAT_DTYPES)
     _tensor("B", B, ndim=4, dtypes=FLOAT_DTYPES)
@@ -116,34 +144,61 @@ def check_mose_args(x, modality, expert, gate, A, B, scale, out, *, inplace, val
         if t.dtype != x.dtype:
             raise DTypeError(f"{name}: expected dtype {x.dtype} like x (x, A, B and out share one dtype), "
                              f"got {t.dtype}")
+    _same_device(x.device, modality=modality, expert=expert, gate=gate, A=A, B=B)
+    scale_vec = _check_scale(scale, n_modalities, x.device)
+    if _needs_value_checks(modality, validate) and n_tokens > 0:
+        # min and max of both in one host read (no boolean indexing: this runs on every layer call)
+        masked = torch.where(modality[:, None] >= 0, expert, 0)  # ids of rows without adapter are not read
+        bounds = torch.stack([*modality.aminmax(), *masked.aminmax()]).tolist()
+        if bounds[0] < -1 or bounds[1] >= n_modalities:
+            raise _fail("modality", f"ids in [-1, {n_modalities})", f"values in [{bounds[0]}, {bounds[1]}]")
+        if bounds[2] < 0 or bounds[3] >= n_experts:
+            raise _fail("expert", f"ids in [0, {n_experts})", f"values in [{bounds[2]}, {bounds[3]}] (rows with "
+                        "an adapter)")
+    return scale_vec, d_out
+
+
+def check_mose_args(x, modality, expert, gate, A, B, scale, out, *, inplace, validate) -> torch.Tensor:
+    """Validates ``mose_lora``'s arguments; returns ``scale`` as an (M,) float32 tensor on x's device."""
     if out is not None:
         _tensor("out", out, ndim=2)
-        _shape("out", out, (n_tokens, d_out), "(N, d_out)")
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace: expected a bool, got {type(inplace).__name__}")
+    scale_vec, d_out = _check_mose_core(x, modality, expert, gate, A, B, scale, validate=validate)
+    if out is not None:
+        _shape("out", out, (x.shape[0], d_out), "(N, d_out)")
         if out.dtype != x.dtype:
             raise DTypeError(f"out: expected dtype {x.dtype} like x (x, A, B and out share one dtype), "
                              f"got {out.dtype}")
-    if not isinstance(inplace, bool):
-        raise TypeError(f"inplace: expected a bool, got {type(inplace).__name__}")
+        _same_device(x.device, out=out)
     if inplace:
         if out is None:
             raise ValueError("inplace: inplace=True needs an `out` tensor to write into, got out=None")
         if out.requires_grad:
             raise ValueError("inplace: refused because out requires grad; pass inplace=False")
-    _same_device(x.device, modality=modality, expert=expert, gate=gate, A=A, B=B, out=out)
+        if _has_internal_overlap(out):
+            raise _fail("out", "a tensor whose elements do not share memory for inplace=True (not an "
+                        "expanded view; pass out.contiguous() or inplace=False)", f"strides {out.stride()}")
+    return scale_vec
 
-    if isinstance(scale, torch.Tensor):
-        if not scale.is_floating_point():
-            raise DTypeError(f"scale: expected a float or a floating-point (M,) tensor, got dtype {scale.dtype}")
-        if scale.dim() != 1 or scale.shape[0] != n_modalities:
-            raise _fail("scale", f"a float or an (M,) = ({n_modalities},) tensor", f"shape {tuple(scale.shape)}")
-        _same_device(x.device, scale=scale)
-        scale_vec = scale.to(torch.float32)
-    else:
-        scale_vec = torch.full((n_modalities,), _real("scale", scale), dtype=torch.float32, device=x.device)
 
-    if _needs_value_checks(modality, validate):
-        _check_range("modality", modality, -1, n_modalities)
-        _check_range("expert", expert, 0, n_experts, mask=modality >= 0)
+def check_mose_linear_args(x, weight, bias, modality, expert, gate, A, B, scale, *, return_update_norm,
+                           validate) -> torch.Tensor:
+    """Validates ``mose_linear``'s arguments; returns ``scale`` as an (M,) float32 tensor on x's device."""
+    _tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES)
+    if bias is not None:
+        _tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES)
+    if not isinstance(return_update_norm, bool):
+        raise TypeError(f"return_update_norm: expected a bool, got {type(return_update_norm).__name__}")
+    scale_vec, d_out = _check_mose_core(x, modality, expert, gate, A, B, scale, validate=validate)
+    _shape("weight", weight, (d_out, x.shape[1]), "(d_out, d_in) like B.shape[2] and x.shape[1]")
+    if bias is not None:
+        _shape("bias", bias, (d_out,), "(d_out,) like B.shape[2]")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != x.dtype:
+            raise DTypeError(f"{name}: expected dtype {x.dtype} like x (x, weight, bias, A and B share one "
+                             f"dtype), got {t.dtype}")
+    _same_device(x.device, weight=weight, bias=bias)
     return scale_vec
 
 

@@ -9,6 +9,7 @@ user never imports triton.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.util
 import os
@@ -24,6 +25,10 @@ _IMPLEMENTATIONS: dict[str, dict[str, str | None]] = {
         "torch": "mosear_fast.kernels.mose.torch_backend:mose_lora_torch",
         "triton": "mosear_fast.kernels.mose.function:mose_lora_triton",
     },
+    "mose_linear": {
+        "torch": "mosear_fast.kernels.mose.torch_linear:mose_linear_torch",
+        "triton": "mosear_fast.kernels.mose.function:mose_linear_triton",
+    },
     "ar_attention": {
         "torch": "mosear_fast.kernels.ar_attention.torch_backend:ar_attention_torch",
         "triton": "mosear_fast.kernels.ar_attention.function:ar_attention_triton",
@@ -33,6 +38,7 @@ _IMPLEMENTATIONS: dict[str, dict[str, str | None]] = {
 # static-shape form of the op (no NonZero, no host-side sizes): internal, not a user-selectable backend.
 _EXPORT_IMPLEMENTATIONS = {
     "mose_lora": "mosear_fast.kernels.mose.static:mose_lora_static",
+    "mose_linear": "mosear_fast.kernels.mose.static:mose_linear_static",
     "ar_attention": "mosear_fast.kernels.ar_attention.static:ar_attention_static",
 }
 
@@ -68,7 +74,9 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.cache
 def triton_available() -> bool:
+    # cached: find_spec searches sys.path (tens of microseconds, paid on every op call otherwise)
     return importlib.util.find_spec("triton") is not None
 
 
@@ -78,8 +86,8 @@ def resolve_backend(op: str, backend: str, device: torch.device) -> str:
         raise TypeError(f"backend: expected one of {BACKENDS}, got {type(backend).__name__}")
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    has_triton = _IMPLEMENTATIONS[op]["triton"] is not None and triton_available()
     if backend == "auto":
+        has_triton = _IMPLEMENTATIONS[op]["triton"] is not None and triton_available()
         return "triton" if device.type == "cuda" and has_triton else "torch"
     if backend == "triton":
         if _IMPLEMENTATIONS[op]["triton"] is None:
@@ -103,5 +111,10 @@ def implementation(op: str, backend: str, device: torch.device) -> Callable:
         target = _EXPORT_IMPLEMENTATIONS[op]
     else:
         target = _IMPLEMENTATIONS[op][resolve_backend(op, backend, device)]
+    return _load(target)
+
+
+@functools.cache
+def _load(target: str) -> Callable:
     module, _, name = target.partition(":")
     return getattr(importlib.import_module(module), name)

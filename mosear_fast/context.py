@@ -1,35 +1,57 @@
 """How modality ids reach every MoSE layer and AR attention layer of a Hugging Face model.
 
-One ``ModalityContext`` per model, shared by reference by the top model, its decoder, its
-``MoSELinear`` layers and its attention modules (attribute ``_mosear_context``, so a deep copy of
-the model gets its own context). The path:
+One ``ModalityContext`` per model, shared by reference by the model given to ``apply_mosear`` (the
+"top" model), its decoder (the language model that runs the layers), its ``MoSELinear`` layers and
+its attention modules (attribute ``_mosear_context``, so a deep copy of the model gets its own
+context). The path:
 
-1. ``model(..., modality_ids=ids)``: the top model's forward passes unknown kwargs down to the
-   decoder (e.g. ``LlamaModel``); a forward pre-hook on the decoder pops ``modality_ids`` (so the
-   model code never sees it), reads the input length, the cache length and the attention mask, and
-   stores the key modality ids of the whole sequence (cache + new tokens) in the context, padding
-   (attention mask 0) as -1. The ids stay in the context after the forward: gradient
+1. ``model(..., modality_ids=ids)``: a forward pre-hook on the top model pops ``modality_ids`` (so
+   neither the model code nor a vision or audio encoder sees them) and notes them with the call's
+   2-D attention mask and its ``input_ids``. A pre-hook on the decoder reads the input length, the
+   cache length and the padding, and stores the key modality ids of the whole sequence (cache + new
+   tokens) in the context, padding as -1. The ids stay in the context after the forward: gradient
    checkpointing reruns the layers during backward, and a later cached call continues from them.
 2. ``model.generate(..., modality_ids=ids)``: a per-instance ``generate`` pops ``ids`` (generate
-   rejects unknown kwargs) and keeps them in the context while the original ``generate`` runs;
-   each step's pre-hook extends them with text ids (0) for the generated tokens and slices them
-   to the cache length (chunked prefill), repeating them for num_return_sequences / beams.
+   rejects unknown kwargs) and keeps them, with the prompt's 2-D attention mask, in the context while
+   the original ``generate`` runs; each step's pre-hook extends them with text ids (0) for the
+   generated tokens and slices them to the cache length (chunked prefill), repeating them for
+   num_return_sequences / beams.
 3. ``MoSELinear`` reads the ids of the current tokens (the last ``q_len`` key ids); the AR
    attention function reads the key ids and the query ids via ``module._mosear_context``.
 
-Ids may cover the whole sequence (B, cache + new), or, with a cache, only the new tokens (B, new):
-the cached part then comes from the previous forward. Without ids, new tokens are text (0).
+Where the ids come from (the first that applies): the ``modality_ids`` of the call (the decoder's
+own, else the top model's); those given to ``generate``; the placeholder tokens of ``input_ids`` for
+models whose config names them (``context.placeholder_tokens``, filled by ``apply_mosear`` from
+e.g. ``audio_token_index`` / ``image_token_id``); text (0) for every token. Ids may cover the whole
+sequence (B, cache + new), or, with a cache, only the new tokens (B, new): the cached part then
+comes from the previous forward.
+
+Where the padding comes from (the first that applies): a 2-D attention mask reaching the decoder;
+the 2-D mask of the top model's call (composite models hand their language model prepared masks);
+generate's prompt mask extended with ones (static caches hand the model prepared 4-D masks); the
+last row of a prepared 4-D full-attention mask (a user's 4-D mask, or the ``"full_attention"``
+entry of a dict of masks). Keys hidden there get id -1 whatever id they were given.
 """
 
 from __future__ import annotations
 
 import types
+from dataclasses import dataclass
 
 import torch
 
-from .modality import check_modality_ids
+from .modality import check_modality_ids, modality_ids_from_placeholders, placeholder_token_ids
 
 TEXT_ID = 0  # generated tokens and tokens without ids are modality 0 (text by convention)
+
+
+@dataclass
+class _Call:
+    """What the top model's forward was given, for the decoder's pre-hook."""
+
+    modality_ids: torch.Tensor | None
+    placeholder_ids: torch.Tensor | None  # ids implied by the placeholder tokens of input_ids
+    padding_mask: torch.Tensor | None  # the call's 2-D attention mask
 
 
 class ModalityContext:
@@ -40,23 +62,32 @@ class ModalityContext:
         self.num_modalities = len(self.modalities)
         self.ar: dict | None = None  # resolved ARConfig (see ARConfig.resolve) or None
         self.ar_layers: frozenset | None = None  # None = every layer
+        self.model_attention: str = "sdpa"  # what the layers without AR run ("sdpa" or "eager")
+        self.model_name: str = ""  # for messages
+        self.placeholder_tokens: dict[int, tuple[int, ...]] = {}  # modality id -> placeholder token ids
         self.generation_ids: torch.Tensor | None = None  # prompt ids while generate runs
+        self.generation_mask: torch.Tensor | None = None  # prompt's 2-D attention mask while generate runs
+        self.call: _Call | None = None  # set by the top model's pre-hook, taken by the decoder's
         self.key_modality: torch.Tensor | None = None  # (B, cache + new) of the latest forward
         self.query_modality: torch.Tensor | None = None  # (B, new)
         # Counts forwards, so work done once per forward (dynamic-weight updates) is not repeated when
         # gradient checkpointing recomputes the layers during backward.
         self.forward_count = 0
         self.shares: dict[int, dict[str, torch.Tensor]] = {}
+        self.checked_masks: list = []  # attention masks the AR layers have checked in this forward
 
     # ---------------------------------------------------------------------------------------------
 
-    def begin_forward(self, modality_ids, *, batch: int, q_len: int, past: int, attention_mask,
-                      device) -> None:
+    def begin_forward(self, modality_ids, *, batch: int, q_len: int, past: int, visible, device,
+                      checked: bool = False) -> None:
+        """Stores the key ids of this forward. ``visible``: (B, past + q_len) bool, False at padding
+        keys, or None (no padding). ``checked``: the ids are known to be valid (derived here)."""
         total = past + q_len
         if modality_ids is None and self.generation_ids is not None:
             key = _fit_length(_repeat_batch(self.generation_ids, batch), total)
         elif modality_ids is not None:
-            ids = check_modality_ids(modality_ids, batch=batch, num_modalities=self.num_modalities)
+            ids = modality_ids.long() if checked else check_modality_ids(
+                modality_ids, batch=batch, num_modalities=self.num_modalities)
             if ids.shape[1] == total:
                 key = ids
             elif past > 0 and ids.shape[1] == q_len:
@@ -69,11 +100,14 @@ class ModalityContext:
         else:
             new = torch.full((batch, q_len), TEXT_ID, dtype=torch.long, device=device)
             key = new if past == 0 else torch.cat([self._cached_ids(batch, past).to(device), new], dim=1)
-        key = _mark_padding(key.to(device), attention_mask, total)
+        key = key.to(device)
+        if visible is not None:
+            key = key.masked_fill(~visible.to(key.device), -1)
         self.key_modality = key
         self.query_modality = key[:, key.shape[1] - q_len:]
         self.forward_count += 1
         self.shares = {}
+        self.checked_masks = []
 
     def _cached_ids(self, batch, past):
         cached = self.key_modality  # the previous forward's (this one has not stored its own yet)
@@ -99,6 +133,12 @@ class ModalityContext:
                              "model input (B, T)")
         return ids
 
+    def placeholder_ids(self, input_ids) -> torch.Tensor | None:
+        """Ids implied by the placeholder tokens of ``input_ids`` (None without placeholders or input_ids)."""
+        if not self.placeholder_tokens or not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            return None
+        return modality_ids_from_placeholders(input_ids, self.placeholder_tokens)
+
 
 def _repeat_batch(ids, batch):
     if ids.shape[0] == batch:
@@ -108,29 +148,53 @@ def _repeat_batch(ids, batch):
     return ids.repeat_interleave(batch // ids.shape[0], dim=0)  # generate's expansion order
 
 
-def _fit_length(ids, total):
-    """Prompt ids cut or extended with text ids to ``total`` positions."""
+def _fit_length(ids, total, fill=TEXT_ID):
+    """Prompt ids (or a prompt mask) cut or extended with ``fill`` to ``total`` positions."""
     if ids.shape[1] >= total:
         return ids[:, :total]
-    extra = torch.full((ids.shape[0], total - ids.shape[1]), TEXT_ID, dtype=ids.dtype, device=ids.device)
+    extra = torch.full((ids.shape[0], total - ids.shape[1]), fill, dtype=ids.dtype, device=ids.device)
     return torch.cat([ids, extra], dim=1)
 
 
-def _mark_padding(key, attention_mask, total):
-    """Key ids with -1 where the attention mask hides a key (2-D padding mask or a 4-D mask's last row)."""
-    if attention_mask is None or not isinstance(attention_mask, torch.Tensor):
-        return key
-    if attention_mask.dim() == 2:
-        if attention_mask.shape != key.shape:
-            raise ValueError(f"attention_mask: expected shape {tuple(key.shape)} (B, cached + new tokens), "
-                             f"got {tuple(attention_mask.shape)}")
-        return key.masked_fill(attention_mask.to(key.device) == 0, -1)
-    if attention_mask.dim() == 4 and attention_mask.shape[-1] >= total:
-        # A prepared mask (compilable caches): the last query sees every non-padding key.
+def _is_2d_mask(mask) -> bool:
+    return isinstance(mask, torch.Tensor) and mask.dim() == 2
+
+
+def visible_keys(attention_mask, call_mask, generation_mask, *, batch: int, total: int):
+    """(B, total) bool, False at padding keys, or None when nothing is padding. Sources in the order
+    of the module docstring."""
+    if _is_2d_mask(attention_mask):
+        return _check_2d(attention_mask, batch, total) != 0
+    if _is_2d_mask(call_mask) and tuple(call_mask.shape) == (batch, total):
+        return call_mask != 0
+    if generation_mask is not None:
+        return _fit_length(_repeat_batch(generation_mask, batch), total, fill=1) != 0
+    if isinstance(attention_mask, dict):
+        if "full_attention" not in attention_mask:
+            raise ValueError(f"attention_mask: a dict of prepared masks without a 'full_attention' entry (keys "
+                             f"{sorted(attention_mask)}) does not show which keys are padding; pass the 2-D "
+                             f"padding mask (B={batch}, {total}) instead")
+        attention_mask = attention_mask["full_attention"]
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
+        if attention_mask.shape[-1] < total or attention_mask.shape[0] not in (1, batch):
+            raise ValueError(f"attention_mask: a 4-D mask of shape {tuple(attention_mask.shape)} cannot mark the "
+                             f"padding of (B={batch}, {total}) cached + new tokens; pass the 2-D padding mask "
+                             "or a (B, 1, new, cached + new) full-attention mask")
+        # A full causal mask: its last query sees every key that is not padding.
         last_row = attention_mask[:, 0, -1, :total]
         visible = last_row if last_row.dtype == torch.bool else last_row == 0
-        return key.masked_fill(~visible.to(key.device), -1)
-    return key
+        return visible.expand(batch, total)
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask: expected a tensor, a dict of tensors or None, got "
+                        f"{type(attention_mask).__name__}")
+    return None
+
+
+def _check_2d(mask, batch, total):
+    if tuple(mask.shape) != (batch, total):
+        raise ValueError(f"attention_mask: expected shape {(batch, total)} (B, cached + new tokens), "
+                         f"got {tuple(mask.shape)}")
+    return mask
 
 
 # -------------------------------------------------------------------------------------------------
@@ -145,59 +209,114 @@ def find_decoder(model):
     return decoder if isinstance(decoder, torch.nn.Module) else model
 
 
-def _decoder_pre_hook(module, args, kwargs):
+def language_model_modules(model) -> set[int]:
+    """ids of the modules whose inputs are tokens of the language model's sequence: the decoder's and the
+    output head (not a vision or audio encoder's, nor a projector's)."""
+    decoder = find_decoder(model)
+    ids = {id(m) for m in decoder.modules()}
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    if isinstance(head, torch.nn.Module):
+        ids |= {id(m) for m in head.modules()}
+    return ids
+
+
+def _input_ids(args, kwargs):
+    inputs = kwargs.get("input_ids", args[0] if args else None)
+    return inputs if isinstance(inputs, torch.Tensor) else None
+
+
+def _top_pre_hook(module, args, kwargs):
     context = module._mosear_context
     modality_ids = kwargs.pop("modality_ids", None)
-    inputs = kwargs.get("input_ids", args[0] if args else None)
+    mask = kwargs.get("attention_mask")
+    wanted = modality_ids is None and context.generation_ids is None  # ids given to generate come first
+    placeholders = context.placeholder_ids(_input_ids(args, kwargs)) if wanted else None
+    context.call = _Call(modality_ids, placeholders, mask if _is_2d_mask(mask) else None)
+    return args, kwargs
+
+
+def _top_post_hook(module, args, kwargs, output):
+    module._mosear_context.call = None  # also after an error: no stale ids for a later direct decoder call
+
+
+def _decoder_pre_hook(module, args, kwargs):
+    context = module._mosear_context
+    call, context.call = context.call or _Call(None, None, None), None
+    modality_ids = kwargs.pop("modality_ids", None)
+    if modality_ids is None:
+        modality_ids = call.modality_ids
+    inputs = _input_ids(args, kwargs)
     if inputs is None:
         inputs = kwargs.get("inputs_embeds")
     if inputs is None:
         raise ValueError("input_ids / inputs_embeds: the model needs one of them to size modality_ids")
+    derived = False
+    if modality_ids is None and context.generation_ids is None:
+        modality_ids = call.placeholder_ids
+        if modality_ids is None:
+            modality_ids = context.placeholder_ids(_input_ids(args, kwargs))
+        derived = modality_ids is not None
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
     if isinstance(past, torch.Tensor):  # a static cache counts its filled slots on the device
         past = int(past)  # (int() of a traced size would pin the cache length of an exported graph)
-    context.begin_forward(modality_ids, batch=inputs.shape[0], q_len=inputs.shape[1], past=past,
-                          attention_mask=kwargs.get("attention_mask"), device=inputs.device)
+    batch, q_len = inputs.shape[0], inputs.shape[1]
+    visible = visible_keys(kwargs.get("attention_mask"), call.padding_mask, context.generation_mask,
+                           batch=batch, total=past + q_len)
+    context.begin_forward(modality_ids, batch=batch, q_len=q_len, past=past, visible=visible,
+                          device=inputs.device, checked=derived)
     return args, kwargs
 
 
 def _generate_with_modality_ids(self, *args, modality_ids=None, **kwargs):
-    """``generate`` that accepts ``modality_ids`` (B, prompt length) for the prompt."""
+    """``generate`` that accepts ``modality_ids`` (B, prompt length) for the prompt, and keeps the
+    prompt's 2-D attention mask for the steps that get prepared 4-D masks."""
     generate = type(self).generate
-    if modality_ids is None:
-        return generate(self, *args, **kwargs)
     context = self._mosear_context
     prompt = kwargs.get("inputs_embeds")
     if prompt is None:
         prompt = kwargs.get("input_ids", args[0] if args else None)
-    if prompt is None:
-        raise ValueError("modality_ids: generate needs input_ids or inputs_embeds for the prompt they "
-                         "describe")
-    ids = check_modality_ids(modality_ids, batch=prompt.shape[0], num_modalities=context.num_modalities)
-    if ids.shape[1] != prompt.shape[1]:
-        raise ValueError(f"modality_ids: expected shape (B={prompt.shape[0]}, {prompt.shape[1]}) like the "
-                         f"prompt, got {tuple(ids.shape)}")
-    previous, context.generation_ids = context.generation_ids, ids
+    ids = None
+    if modality_ids is not None:
+        if prompt is None:
+            raise ValueError("modality_ids: generate needs input_ids or inputs_embeds for the prompt they "
+                             "describe")
+        ids = check_modality_ids(modality_ids, batch=prompt.shape[0], num_modalities=context.num_modalities)
+        if ids.shape[1] != prompt.shape[1]:
+            raise ValueError(f"modality_ids: expected shape (B={prompt.shape[0]}, {prompt.shape[1]}) like the "
+                             f"prompt, got {tuple(ids.shape)}")
+    mask = kwargs.get("attention_mask")
+    previous = context.generation_ids, context.generation_mask
+    context.generation_ids = ids
+    context.generation_mask = mask if _is_2d_mask(mask) else None
     try:
         return generate(self, *args, **kwargs)
     finally:
-        context.generation_ids = previous
+        context.generation_ids, context.generation_mask = previous
+
+
+def check_same_modalities(context, modalities) -> None:
+    if context is not None and context.modalities != tuple(modalities):
+        raise ValueError(f"modalities: the model was prepared with {context.modalities}, got "
+                         f"{tuple(modalities)}; use the same modalities in MoSEConfig and ARConfig")
 
 
 def ensure_context(model, modalities) -> ModalityContext:
     """The model's context (created with its hooks on first use); modalities must agree."""
     context = getattr(model, "_mosear_context", None)
     if context is not None:
-        if context.modalities != tuple(modalities):
-            raise ValueError(f"modalities: the model was prepared with {context.modalities}, got "
-                             f"{tuple(modalities)}; use the same modalities in MoSEConfig and ARConfig")
+        check_same_modalities(context, modalities)
         return context
     context = ModalityContext(modalities)
+    context.model_name = type(model).__name__
+    context.placeholder_tokens = placeholder_token_ids(getattr(model, "config", None), context.modalities)
     model._mosear_context = context
     decoder = find_decoder(model)
     decoder._mosear_context = context
     decoder.register_forward_pre_hook(_decoder_pre_hook, with_kwargs=True)
+    if decoder is not model:
+        model.register_forward_pre_hook(_top_pre_hook, with_kwargs=True)
+        model.register_forward_hook(_top_post_hook, with_kwargs=True, always_call=True)
     if callable(getattr(type(model), "generate", None)):
         # Bound to this instance (a deep copy rebinds it to the copy).
         model.generate = types.MethodType(_generate_with_modality_ids, model)
@@ -207,7 +326,7 @@ def ensure_context(model, modalities) -> ModalityContext:
 def share_context(model, context) -> None:
     """Point every MoSE layer of the model at ``context``; new layers take the model's train/eval mode
     (they are created in training mode, which would update dynamic weights in an eval model)."""
-    from .mose_linear import MoSELinear
+    from .mose_layer import MoSELinear
 
     for module in model.modules():
         if isinstance(module, MoSELinear):

@@ -133,9 +133,7 @@ def modality_ids_from_token_ids(input_ids: torch.Tensor, token_ids: Mapping, *,
         raise TypeError("token_ids: expected a mapping {modality: [token ids]}, got "
                         f"{type(token_ids).__name__}")
     names = check_modality_names("modalities", modalities)
-    ids = torch.full(input_ids.shape, modality_index("default", default, names), dtype=torch.long,
-                     device=input_ids.device)
-    claimed = set()
+    placeholders, claimed = {}, set()
     for modality, tokens in token_ids.items():
         m = modality_index(f"token_ids[{modality!r}]", modality, names)
         tokens = [tokens] if isinstance(tokens, numbers.Integral) else list(tokens)
@@ -143,8 +141,8 @@ def modality_ids_from_token_ids(input_ids: torch.Tensor, token_ids: Mapping, *,
             raise ValueError(f"token_ids[{modality!r}]: token ids {sorted(claimed & set(tokens))} are "
                              "listed under two modalities")
         claimed |= set(tokens)
-        marker = torch.tensor(tokens, dtype=input_ids.dtype, device=input_ids.device)
-        ids[torch.isin(input_ids, marker)] = m
+        placeholders[m] = placeholders.get(m, ()) + tuple(tokens)
+    ids = modality_ids_from_placeholders(input_ids, placeholders, default=modality_index("default", default, names))
     return _apply_padding(ids, attention_mask)
 
 
@@ -156,3 +154,44 @@ def _apply_padding(ids: torch.Tensor, attention_mask: torch.Tensor | None) -> to
                else type(attention_mask).__name__)
         raise ValueError(f"attention_mask: expected shape {tuple(ids.shape)} (B, T), got {got}")
     return ids.masked_fill(attention_mask.to(ids.device) == 0, -1)
+
+
+# Config attributes naming the placeholder token of each kind of input (transformers' names; a config's
+# attribute_map makes either spelling readable).
+PLACEHOLDER_ATTRIBUTES = {
+    "image": ("image_token_id", "image_token_index"),
+    "video": ("video_token_id", "video_token_index"),
+    "audio": ("audio_token_id", "audio_token_index"),
+}
+# Which kinds of placeholder a modality name stands for.
+PLACEHOLDER_KINDS = {"visual": ("image", "video"), "vision": ("image", "video"), "image": ("image",),
+                     "video": ("video",), "audio": ("audio",)}
+
+
+def placeholder_token_ids(config, modalities: Sequence[str]) -> dict[int, tuple[int, ...]]:
+    """``{modality id: placeholder token ids}`` read from a model config: the image and video tokens for
+    a modality named "visual" (or "vision"), "image" or "video"; the audio token for "audio". Empty when
+    the config names none (a text-only model) or no modality has one of these names."""
+    found = {}
+    for m, name in enumerate(modalities):
+        tokens = []
+        for kind in PLACEHOLDER_KINDS.get(name, ()):
+            for attribute in PLACEHOLDER_ATTRIBUTES[kind]:
+                value = getattr(config, attribute, None)
+                if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0:
+                    tokens.append(int(value))
+                    break
+        if tokens:
+            found[m] = tuple(dict.fromkeys(tokens))
+    return found
+
+
+def modality_ids_from_placeholders(input_ids: torch.Tensor, placeholders: Mapping[int, Sequence[int]],
+                                   default: int = 0) -> torch.Tensor:
+    """(B, T) int64 ids: ``placeholders[m]`` tokens get m, all others ``default``. A broadcast compare,
+    not ``torch.isin``, so the ONNX exporter can translate it."""
+    ids = torch.full(input_ids.shape, default, dtype=torch.long, device=input_ids.device)
+    for m, tokens in placeholders.items():
+        marker = torch.tensor(list(tokens), dtype=input_ids.dtype, device=input_ids.device)
+        ids = ids.masked_fill((input_ids[..., None] == marker).any(-1), m)
+    return ids

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._validation import check_ar_args, check_mose_args
+from ._validation import check_ar_args, check_mose_args, check_mose_linear_args
 from .backend import implementation
 
 
@@ -19,12 +19,36 @@ def mose_lora(x, modality, expert, gate, A, B, scale, out=None, *, inplace=False
         y_t = out_t + scale[m] * sum_j gate[t, j] * B[m, expert[t, j]] @ (A[m] @ x_t),  m = modality[t]
 
     Returns a new tensor of ``out.dtype`` (``x.dtype`` without out), or ``out`` itself with
-    ``inplace=True`` (refused when out requires grad). Differentiable in x, gate, A, B and out.
-    ``backend``: "auto" (Triton on CUDA, PyTorch on CPU), "torch" or "triton".
+    ``inplace=True`` (refused when out requires grad or when out's elements share memory, as in an
+    expanded view). Differentiable in x, gate, A, B and out. ``scale`` is not differentiated (it
+    is ``s * w_m``, whose dynamic weights are buffers): a scale tensor that requires grad is refused
+    while grad mode is on. ``backend``: "auto" (Triton on CUDA, PyTorch on CPU), "torch" or "triton".
     """
     scale_vec = check_mose_args(x, modality, expert, gate, A, B, scale, out, inplace=inplace, validate=validate)
     run = implementation("mose_lora", backend, x.device)
     return run(x, modality, expert, gate, A, B, scale_vec, out, inplace=inplace, **backend_options)
+
+
+def mose_linear(x, weight, bias, modality, expert, gate, A, B, scale, *, return_update_norm=False, backend="auto",
+                validate=True, **backend_options):
+    """The base linear layer and the MoSE update in one op (same x for both: no adapter dropout).
+
+        y_t = x_t W^T + bias + scale[m] * sum_j gate[t, j] * B[m, expert[t, j]] @ (A[m] @ x_t),  m = modality[t]
+
+    x (N, d_in); weight (d_out, d_in); bias (d_out,) or None; the other arguments as ``mose_lora``
+    (rows of modality -1 get the base output exactly). x, weight, bias, A and B share one dtype.
+    Returns y (N, d_out) in x's dtype; with ``return_update_norm=True`` the pair ``(y, norm)``:
+    ``norm`` (N,) float32, not differentiable, is per token the L2 norm of the update *before*
+    scale, ``||sum_j gate_j B[m, e_j] A[m] x_t||`` (0 for rows without adapter), what MoSELinear's
+    dynamic modality weights measure (DESIGN 2.1). Differentiable in x, gate, A, B, and weight and
+    bias when they require grad; ``scale`` is not differentiated (a scale that requires grad is
+    refused while grad mode is on). ``backend``: "auto", "torch" or "triton", as ``mose_lora``.
+    """
+    scale_vec = check_mose_linear_args(x, weight, bias, modality, expert, gate, A, B, scale,
+                                       return_update_norm=return_update_norm, validate=validate)
+    run = implementation("mose_linear", backend, x.device)
+    return run(x, weight, bias, modality, expert, gate, A, B, scale_vec, return_update_norm=return_update_norm,
+               **backend_options)
 
 
 def ar_attention(q, k, v, key_modality, *, num_modalities, balance=(1, 2), target=None, strength=0.5,

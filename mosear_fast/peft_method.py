@@ -3,7 +3,8 @@
 ``MoSETunerLinear`` is ``MoSELinear`` plus PEFT's ``BaseTunerLayer`` bookkeeping (adapters keyed by
 name in ``mose_adapter``, active adapter, enable/disable), so PEFT's generic machinery selects,
 freezes, saves and loads exactly the adapter tensors (A, B, routers and the dynamic-weight buffers).
-``MoSEModel`` injects it into the target ``nn.Linear`` modules and installs the modality context.
+``MoSEModel`` injects it into the target ``nn.Linear`` modules of the language model (not those of a
+vision or audio encoder, whose inputs carry no modality ids) and installs the modality context.
 
 PEFT 0.21's ``register_peft_method`` only accepts members of its closed ``PeftType`` enum, so the
 method is registered under the string type "MOSE" directly in PEFT's registries (PEFT supports
@@ -16,9 +17,9 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPIN
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
-from .context import ensure_context, share_context
+from .context import ensure_context, language_model_modules, share_context
 from .mose_config import PEFT_TYPE, MoSEConfig
-from .mose_linear import MoSELinear
+from .mose_layer import MoSELinear
 
 PREFIX = "mose_"
 
@@ -53,6 +54,8 @@ class MoSEModel(BaseTuner):
     target_module_mapping: dict = {}
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        if id(target) not in self._language_model_modules():
+            return  # an encoder's or projector's linear: its inputs are not tokens with modality ids
         if isinstance(target, MoSETunerLinear):
             target.update_layer(adapter_name, config)
             return
@@ -64,6 +67,12 @@ class MoSEModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added, inactive adapter is not trained
         self._replace_module(parent, target_name, new_module, target)
+
+    def _language_model_modules(self) -> set[int]:
+        cached = self.__dict__.get("_language_ids")
+        if cached is None:
+            cached = self.__dict__["_language_ids"] = language_model_modules(self.model)
+        return cached
 
     def _check_new_adapter_config(self, config) -> None:
         super()._check_new_adapter_config(config)

@@ -10,7 +10,7 @@ import torch
 
 
 def mose_naive_group_loop(x, modality, expert, gate, A, B, scale, out=None):
-    """Per (modality, expert) group: index_select the tokens, both matmuls, index_add back.
+    """Per (modality, expert) group: index_select the tokens, both matmuls, ``index_add_`` back.
 
     The shrink ``A[m] x`` is recomputed for every expert of a token (the PEFT-style per-expert loop).
     """
@@ -26,7 +26,7 @@ def mose_naive_group_loop(x, modality, expert, gate, A, B, scale, out=None):
             rows = x.index_select(0, tokens)
             update = (rows @ A[m].t()) @ B[m, e].t()
             weight = gate[tokens, choice].float() * scale[m].float()
-            y = y.index_add(0, tokens, update.float() * weight[:, None])
+            y.index_add_(0, tokens, update.float() * weight[:, None])
     return y.to(out.dtype if out is not None else x.dtype)
 
 

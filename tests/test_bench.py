@@ -28,7 +28,11 @@ def _runnable(op):
 @pytest.mark.parametrize("mode", ["fwd", "update", "fwd_bwd"])
 @pytest.mark.parametrize("name", _runnable("mose"))
 def test_mose_provider(benchmark, name, mode):
-    benchmark(providers("mose")[name].setup(dict(TINY_MOSE, mode=mode)))
+    provider, case = providers("mose")[name], dict(TINY_MOSE, mode=mode)
+    reason = provider.unavailable(case)
+    if reason is not None:
+        pytest.skip(f"{name} in mode {mode}: {reason}")
+    benchmark(provider.setup(case))
 
 
 @pytest.mark.parametrize("name", _runnable("ar"))
@@ -48,6 +52,33 @@ def test_runner_writes_json_with_ratios(tmp_path, monkeypatch):
     timings = result["results"][0]["providers"]
     assert timings["linear"]["ratio_to_floor"] == 1.0
     assert timings["mosear_torch"]["median_ms"] > 0 and timings["mosear_torch"]["tflops"] > 0
+
+
+def test_runner_cpu_clock_and_interleaved_rounds(tmp_path, monkeypatch, capsys):
+    """--clock cpu times the process's CPU time (refused with several threads) and --rounds N times
+    every provider once per round; both are recorded in the JSON."""
+    monkeypatch.setitem(presets.PRESETS["mose"], "tiny", lambda: [
+        {k: v for k, v in TINY_MOSE.items() if k != "device"}])
+    out = tmp_path / "r.json"
+    args = ["--op", "mose", "--preset", "tiny", "--device", "cpu", "--min-seconds", "0", "--max-runs", "2",
+            "--providers", "linear,mosear_linear_torch", "--clock", "cpu", "--rounds", "3", "--out", str(out)]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert bench_main(args) == 2 and "OMP_NUM_THREADS=1" in capsys.readouterr().err and not out.exists()
+        torch.set_num_threads(1)
+        assert bench_main(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads(out.read_text())
+    assert result["environment"]["clock"] == "process CPU time" and result["environment"]["threads"] == 1
+    assert result["environment"]["rounds"] == 3
+    timings = result["results"][0]["providers"]
+    assert list(timings) == ["linear", "mosear_linear_torch"] and timings["mosear_linear_torch"]["runs"] == 3
+    assert timings["linear"]["ratio_to_floor"] == 1.0 and timings["mosear_linear_torch"]["median_ms"] > 0
+    wall = args[:args.index("--clock")] + ["--rounds", "0", "--out", str(tmp_path / "no.json")]
+    assert bench_main(wall) == 2
+    assert "rounds" in capsys.readouterr().err
 
 
 def test_runner_rejects_unknown_names(capsys):

@@ -108,7 +108,7 @@ def test_example_inputs_have_a_valid_placeholder_layout():
 
 
 def test_demo_model_is_the_demos_configuration_deterministic_and_adapters_matter():
-    from mosear_fast.mose_linear import MoSELinear
+    from mosear_fast.mose_layer import MoSELinear
     from mosear_fast.training.demo import DEFAULT
 
     first, second = build_demo_model(), build_demo_model()

@@ -67,14 +67,9 @@ def test_unsupported_attention_implementation():
         apply_mosear(nn.Sequential(nn.Linear(4, 4)), ar=ARConfig())
 
 
-def test_ar_layers_and_sliding_window_layers():
+def test_ar_layers_must_be_attention_layers():
     with pytest.raises(ValueError, match=r"ARConfig.layers: \[5\] are not attention layers"):
         apply_mosear(tiny_llama(), ar=ARConfig(layers=[0, 5]))
-    from tests.models import tiny_qwen2
-
-    sliding = tiny_qwen2(use_sliding_window=True, sliding_window=4, max_window_layers=0)
-    with pytest.raises(ValueError, match="ARConfig.layers: layers .* use 'sliding_attention'"):
-        apply_mosear(sliding, ar=ARConfig())
 
 
 @pytest.mark.parametrize("make, message", [

@@ -205,3 +205,68 @@ def test_record_shares_off_gives_the_same_logits_and_no_shares(arch):
             with pytest.raises(ValueError, match="record_shares"):
                 attention_shares(model)
     assert torch.equal(logits[True], logits[False])
+
+
+def padding_mask(form, mask):
+    """The padding of ``mask`` (B, T) in the form a caller may pass: 2-D, or a 4-D causal mask (bool, True =
+    attend; or additive float, -inf = hidden)."""
+    if form == "2-D":
+        return mask
+    length = mask.shape[1]
+    visible = torch.tril(torch.ones(length, length, dtype=torch.bool))[None, None] & mask.bool()[:, None, None, :]
+    if form == "4-D bool":
+        return visible
+    return torch.zeros(visible.shape).masked_fill(~visible, float("-inf"))
+
+
+@pytest.mark.parametrize("ids_at_pads", ["zero", "none"])
+@pytest.mark.parametrize("form", ["2-D", "4-D bool", "4-D float"])
+def test_padding_comes_from_the_attention_mask(arch, form, ids_at_pads):
+    """Pads given modality 0 (or no ids at all) are still padding: each sample's logits equal the sample
+    alone (sequence routing averages over the real tokens only; AR attends no pad)."""
+    model = prepared(arch, strength=0.8, routing="sequence")
+    lengths = [14, 9]
+    width = max(lengths)
+    ids, mask, modality = av_prompt(2, width, left_pad=[width - n for n in lengths], seed=5)
+    modality = modality.clamp_min(0) if ids_at_pads == "zero" else None
+    with torch.no_grad():
+        batch_logits = model(input_ids=ids, attention_mask=padding_mask(form, mask), modality_ids=modality,
+                             position_ids=position_ids_from_mask(mask)).logits
+    for b, n in enumerate(lengths):
+        alone = slice(width - n, width)
+        with torch.no_grad():
+            logits = model(input_ids=ids[b:b + 1, alone],
+                           modality_ids=None if modality is None else modality[b:b + 1, alone]).logits
+        assert rel_err(batch_logits[b, alone], logits[0]) < 1e-5
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_left_padded_generate_equals_the_models_own_attention(arch, cache):
+    """AR at strength 0 with fresh adapters generates the plain model's tokens and logits from a left-padded
+    batch whose pads carry modality 0: with a static cache, generate hands the model prepared 4-D masks (a
+    dict of them for models with layer types), so the padding must come from the prompt's 2-D mask."""
+    reference = TINY_MODELS[arch]()
+    model = apply_mosear(TINY_MODELS[arch](), mose=MoSEConfig(r=4, num_experts=3), ar=ARConfig(strength=0.0))
+    ids, mask, modality = av_prompt(2, 13, left_pad=[0, 4], seed=2)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                  cache_implementation=cache, output_logits=True, return_dict_in_generate=True)
+    expected = reference.generate(**kwargs)
+    out = model.generate(**kwargs, modality_ids=modality.clamp_min(0))
+    assert torch.equal(out.sequences, expected.sequences)
+    assert rel_err(torch.stack(out.logits), torch.stack(expected.logits)) < 1e-5
+
+
+def test_a_second_mose_is_refused_and_ar_can_be_replaced(arch):
+    model = prepared(arch, strength=0.5)
+    with pytest.raises(ValueError, match=r"mose: .* already has MoSE adapters \(\['default'\] on 6 linear layers\); "
+                                         "apply_mosear adds MoSE once"):
+        apply_mosear(model, mose=MoSEConfig(r=4))
+    with pytest.raises(ValueError, match="already has MoSE adapters"):
+        apply_mosear(model, mose=MoSEConfig(r=4), adapter_name="second")
+    ids, mask, modality = av_prompt(2, 12)
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask, modality_ids=modality).logits
+        apply_mosear(model, ar=ARConfig(strength=0.0))  # replaces the AR settings; the adapters stay
+        after = model(input_ids=ids, attention_mask=mask, modality_ids=modality).logits
+    assert rel_err(after, before) > 1e-3
+    assert sum(".mose_adapter." in name for name, _ in model.named_parameters()) > 0

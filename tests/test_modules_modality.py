@@ -35,3 +35,19 @@ def test_token_ids_map_placeholders():
 def test_helper_errors(call, message):
     with pytest.raises((ValueError, TypeError), match=message):
         call()
+
+
+def test_placeholder_token_ids_from_a_config():
+    from types import SimpleNamespace
+
+    from mosear_fast.modality import modality_ids_from_placeholders, placeholder_token_ids
+
+    omni = SimpleNamespace(image_token_index=92, video_token_index=93, audio_token_index=91)
+    assert placeholder_token_ids(omni, ("text", "visual", "audio")) == {1: (92, 93), 2: (91,)}
+    assert placeholder_token_ids(omni, ("text", "image", "video", "audio")) == {1: (92,), 2: (93,), 3: (91,)}
+    llava = SimpleNamespace(image_token_id=7, video_token_id=None)
+    assert placeholder_token_ids(llava, ("text", "visual", "audio")) == {1: (7,)}
+    assert placeholder_token_ids(SimpleNamespace(vocab_size=10), ("text", "visual", "audio")) == {}
+    assert placeholder_token_ids(omni, ("text", "face")) == {}  # no modality named for a placeholder kind
+    ids = modality_ids_from_placeholders(torch.tensor([[5, 92, 93, 91, 7]]), {1: (92, 93), 2: (91,)})
+    assert ids.tolist() == [[0, 1, 1, 2, 0]]

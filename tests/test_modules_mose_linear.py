@@ -273,3 +273,133 @@ def test_directly_given_ids_out_of_range_raise():
     layer = make_layer()
     with pytest.raises(ValueError, match="modality"):
         layer(torch.randn(4, 8), modality=torch.tensor([0, 1, 3, -1]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fused (mose_linear) and unfused (base layer + mose_lora) paths of MoSELinear agree
+# ---------------------------------------------------------------------------------------------------
+
+
+def _twin_layers(**kwargs):
+    """The same layer twice: one fusing base + update (the default), one with fuse_base off."""
+    fused = make_layer(**kwargs)
+    unfused = make_layer(**kwargs)
+    unfused.load_state_dict(fused.state_dict())
+    unfused.fuse_base = False
+    return fused, unfused
+
+
+def _step(layer, x, modality, dy):
+    x = x.clone().requires_grad_(True)
+    y = layer(x, modality=modality)
+    y.backward(dy)
+    adapter = layer.mose_adapter["default"]
+    grads = {n: p.grad.clone() for n, p in adapter.named_parameters()}
+    grads["x"] = x.grad
+    return y.detach(), grads
+
+
+def _assert_same(a, b, what):
+    assert torch.isfinite(a).all(), what
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), f"{what}: max diff {(a - b).abs().max():.3e}"
+
+
+@pytest.mark.parametrize("routing", ["token", "sequence"])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_fused_and_unfused_paths_agree_in_training(routing, top_k, monkeypatch):
+    """Outputs, gradients of x, A, B and the routers, and the dynamic-weight buffers (three steps)."""
+    from mosear_fast import mose_layer
+
+    calls = []
+    monkeypatch.setattr(mose_layer, "mose_linear", _counting(mose_layer.mose_linear, calls))
+    fused, unfused = _twin_layers(top_k=top_k, routing=routing, beta=0.5)
+    fused.train(), unfused.train()
+    for step in range(3):
+        x, modality = torch.randn(2, 9, 8), torch.randint(-1, 3, (2, 9))
+        dy = torch.randn(2, 9, 6)
+        y_f, g_f = _step(fused, x, modality, dy)
+        y_u, g_u = _step(unfused, x, modality, dy)
+        _assert_same(y_f, y_u, f"output, step {step}")
+        for name in g_u:
+            _assert_same(g_f[name], g_u[name], f"grad {name}, step {step}")
+        for name in ("update_norm_ema", "modality_weight"):
+            buf_f, buf_u = getattr(fused.mose_adapter["default"], name), getattr(unfused.mose_adapter["default"], name)
+            _assert_same(buf_f, buf_u, f"{name}, step {step}")
+        for layer in (fused, unfused):
+            layer.zero_grad()
+    assert calls == [True] * 3  # the fused layer went through mose_linear (with norms), the unfused one did not
+    assert fused.mose_adapter["default"].update_norm_ema[1:].gt(0).all()  # the weights really moved
+
+
+def _counting(fn, calls):
+    def wrapped(*args, **kwargs):
+        calls.append(kwargs.get("return_update_norm"))
+        return fn(*args, **kwargs)
+    return wrapped
+
+
+def test_fused_path_in_eval_and_unfused_with_dropout_in_training(monkeypatch):
+    from mosear_fast import mose_layer
+
+    calls = []
+    monkeypatch.setattr(mose_layer, "mose_linear", _counting(mose_layer.mose_linear, calls))
+    fused, unfused = _twin_layers(top_k=2, dropout=0.3)
+    x, modality = torch.randn(3, 5, 8), torch.randint(-1, 3, (3, 5))
+    fused.eval(), unfused.eval()  # dropout is off in eval: the fused path serves
+    _assert_same(fused(x, modality=modality), unfused(x, modality=modality), "eval output")
+    assert calls == [False]
+    fused.train()
+    torch.manual_seed(5)
+    y = fused(x, modality=modality)  # dropout on: base layer + mose_lora on dropout(x)
+    assert calls == [False] and torch.isfinite(y).all()
+
+
+def test_fused_path_under_gradient_checkpointing_updates_the_weights_once():
+    """A checkpointed forward reruns the layer in backward with the same forward id: the rerun uses
+    the weights of the first run and updates nothing, on both paths, and the gradients agree."""
+    from torch.utils.checkpoint import checkpoint
+
+    from mosear_fast.context import ModalityContext
+
+    results = {}
+    for fuse in (True, False):
+        layer = make_layer(top_k=2, beta=0.5).train()
+        layer.fuse_base = fuse
+        context = ModalityContext(("text", "visual", "audio"))
+        layer._mosear_context = context
+        ema_after = []
+        for step in range(2):
+            torch.manual_seed(step)
+            ids = torch.randint(-1, 3, (2, 7))
+            context.begin_forward(ids, batch=2, q_len=7, past=0, attention_mask=None, device="cpu")
+            x = torch.randn(2, 7, 8, requires_grad=True)
+            y = checkpoint(layer, x, use_reentrant=False)
+            ema_after.append(layer.mose_adapter["default"].update_norm_ema.clone())
+            y.square().sum().backward()  # reruns the layer's forward
+            assert torch.equal(layer.mose_adapter["default"].update_norm_ema, ema_after[-1])
+        grads = {n: p.grad for n, p in layer.mose_adapter["default"].named_parameters()}
+        results[fuse] = (ema_after, grads, layer.mose_adapter["default"].modality_weight.clone())
+    for a, b in zip(results[True][0], results[False][0], strict=True):
+        _assert_same(a, b, "ema")
+    _assert_same(results[True][2], results[False][2], "modality weight")
+    for name, grad in results[False][1].items():
+        _assert_same(results[True][1][name], grad, f"grad {name}")
+
+
+def test_the_layer_module_does_not_shadow_the_mose_linear_op():
+    import mosear_fast
+    from mosear_fast.ops import mose_linear
+
+    assert mosear_fast.MoSELinear is MoSELinear  # the layer's module is imported
+    assert mosear_fast.mose_linear is mose_linear
+
+
+def test_fused_path_borrows_the_base_weight_and_saves_the_same_state():
+    layer = make_layer()
+    assert set(layer.state_dict()) == set(_twin_layers()[1].state_dict())
+    assert layer.base_layer.weight.requires_grad is False
+    hooked = make_layer()
+    seen = []
+    hooked.base_layer.register_forward_hook(lambda *_: seen.append(1))
+    hooked(torch.randn(4, 8), modality=torch.tensor([0, 1, 2, -1]))
+    assert seen == [1]  # a hooked base layer is called (unfused path), its hook runs

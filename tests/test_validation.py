@@ -42,6 +42,9 @@ MOSE_BAD = [
     ("scale", dict(scale="1"), TypeError),
     ("inplace", dict(inplace=True, out=None), ValueError),
     ("inplace", dict(inplace=True, out=torch.randn(8, 5, requires_grad=True)), ValueError),
+    ("out", dict(inplace=True, out=torch.randn(1, 5).expand(8, 5)), ValueError),  # rows share memory
+    ("out", dict(inplace=True, out=torch.randn(8, 1).expand(8, 5)), ValueError),
+    ("scale", dict(scale=torch.rand(3, requires_grad=True)), ValueError),  # scale is not differentiated
     ("backend", dict(backend="cuda"), ValueError),
 ]
 

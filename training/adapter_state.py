@@ -30,7 +30,7 @@ __all__ = ["ADAPTER_FILE", "ADAPTER_MARK", "adapted_prefix", "adapter_state_dict
 
 def mose_adapters(model) -> list:
     """Every ``MoSEAdapter`` of ``model``, in module order (the same order on every rank)."""
-    from mosear_fast.mose_linear import MoSEAdapter
+    from mosear_fast.mose_layer import MoSEAdapter
 
     return [m for m in model.modules() if isinstance(m, MoSEAdapter)]
 

@@ -47,3 +47,11 @@ def mose_lora_static(x, modality, expert, gate, A, B, scale, out=None, *, inplac
     if inplace:
         return out.copy_(result)
     return result
+
+
+def mose_linear_static(x, weight, bias, modality, expert, gate, A, B, scale, *, return_update_norm=False, **_):
+    """``F.linear(x, weight, bias)`` plus ``mose_lora_static``: ``mose_linear`` while a model is exported."""
+    if return_update_norm:
+        raise ValueError("return_update_norm: the update norm is a training measurement; export a model in eval "
+                         "mode (return_update_norm=False)")
+    return mose_lora_static(x, modality, expert, gate, A, B, scale, torch.nn.functional.linear(x, weight, bias))

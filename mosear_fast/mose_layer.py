@@ -6,8 +6,10 @@ dynamic-weight state as buffers (saved with the adapter): the EMA of the update 
 and the weights ``w_m`` derived from it. ``MoSELinear`` wraps the base layer and keeps its adapters
 in a ``ModuleDict`` keyed by adapter name (the layout PEFT expects; one adapter is active).
 
-Per forward, routing is a few batched tensor ops (no Python loop over modalities or experts) and
-the update is one ``mose_lora`` call. Pure PyTorch: no transformers or peft import here.
+Per forward, routing is a few batched tensor ops (no Python loop over modalities or experts), then
+one ``mose_linear`` call computes base + update (the base layer's weight and bias borrowed, the
+update's norm for the dynamic weights returned with it), or, with adapter dropout in training, the
+base layer and one ``mose_lora`` call. Pure PyTorch: no transformers or peft import here.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .modality import check_modality_range
-from .ops import mose_lora
+from .ops import mose_linear, mose_lora
 
 
 class MoSEAdapter(nn.Module):
@@ -105,12 +107,15 @@ class MoSEAdapter(nn.Module):
         """(Ma,) float32: ``s * w_m`` per slot."""
         return self.scale * self.modality_weight[self.adapted_ids]
 
-    def forward(self, x: torch.Tensor, base: torch.Tensor, modality: torch.Tensor,
-                sample: torch.Tensor | None = None, n_samples: int = 1, forward_id: int | None = None):
+    def forward(self, x: torch.Tensor, base: torch.Tensor | None, modality: torch.Tensor,
+                sample: torch.Tensor | None = None, n_samples: int = 1, forward_id: int | None = None, *,
+                linear: tuple[torch.Tensor, torch.Tensor | None] | None = None):
         """``base + update`` for x (N, d_in), base (N, d_out), modality (N,) ids in [-1, M).
 
-        ``sample`` (N,) gives each token's sample index in [0, n_samples) (sequence routing).
-        ``forward_id`` identifies the model forward: a rerun with the same id (gradient
+        With ``linear=(weight, bias)`` (and ``base`` None) the base layer is computed with the
+        update in one ``mose_linear`` call instead, which needs the adapter to read x itself (no
+        dropout). ``sample`` (N,) gives each token's sample index in [0, n_samples) (sequence
+        routing). ``forward_id`` identifies the model forward: a rerun with the same id (gradient
         checkpointing) does not update the dynamic weights again.
         """
         slot = torch.where(modality >= 0, self.slot_of_modality[modality.clamp_min(0)], -1)  # [N]
@@ -121,24 +126,40 @@ class MoSEAdapter(nn.Module):
 
         scale = self.scale_vector()
         A, B = self.A.to(x.dtype), self.B.to(x.dtype)
-        adapter_in = self.dropout(x)  # the base read x itself
         measure = self.training and self.dynamic_weights
         rerun = measure and forward_id is not None and forward_id == self._measured_forward
         if rerun:
             # Gradient checkpointing recomputes this forward: use the weights it used, update nothing.
             scale = self._measured_scale
-        if measure:
+        record = measure and not rerun
+        norms = None
+        if linear is not None:
+            # The norm of the update before s * w_m comes with the output (no separate update tensor).
+            y = mose_linear(x, linear[0], linear[1], slot, expert, gate, A, B, scale, return_update_norm=record,
+                            validate=False)
+            if record:
+                y, norms = y
+        elif measure:
             # The update alone, to measure its norm before s * w_m (one mose_lora call either way).
-            update = mose_lora(adapter_in, slot, expert, gate, A, B, scale, validate=False)
+            update = mose_lora(self.dropout(x), slot, expert, gate, A, B, scale, validate=False)
             y = base.to(x.dtype) + update
-            if not rerun:
-                self._measured_forward, self._measured_scale = forward_id, scale.detach()
-                self._update_dynamic_weights(update.detach(), slot, scale)
+            if record:
+                with torch.no_grad():
+                    norms = torch.where(slot >= 0, update.float().norm(dim=-1) / scale[slot.clamp_min(0)], 0.0)
         else:
-            y = mose_lora(adapter_in, slot, expert, gate, A, B, scale, out=base.to(x.dtype), validate=False)
+            y = mose_lora(self.dropout(x), slot, expert, gate, A, B, scale, out=base.to(x.dtype), validate=False)
+        if record:
+            self._measured_forward, self._measured_scale = forward_id, scale.detach()
+            self._update_dynamic_weights(norms, slot)
 
         self.last_regularizers = self._regularizers(unit_logits, unit_slot) if self.training else None
         return y
+
+    @property
+    def reads_dropped_input(self) -> bool:
+        """Whether the update reads ``dropout(x)`` now (training with dropout > 0), so it cannot
+        share the base layer's matmul input."""
+        return self.training and isinstance(self.dropout, nn.Dropout)
 
     def _router_logits(self, x, slot, sample, n_samples):
         """Per-token router logits (N, E), and the logits and slots of the routing units (U, E), (U,)."""
@@ -225,15 +246,15 @@ class MoSEAdapter(nn.Module):
         return dist.get_world_size()
 
     @torch.no_grad()
-    def _update_dynamic_weights(self, update, slot, scale):
-        """EMA of the per-modality mean update norm before s * w_m, then w_m (DESIGN 2.1).
+    def _update_dynamic_weights(self, norms, slot):
+        """EMA of the per-modality mean update norm before s * w_m (``norms`` (N,), 0 for tokens
+        without adapter), then w_m (DESIGN 2.1).
 
         Written without boolean indexing or host reads: a training step on CUDA does not synchronise
         in every adapted layer."""
         adapted = slot >= 0
         slot0 = slot.clamp_min(0)
-        norms = update.float().norm(dim=-1) / scale[slot0] * adapted  # [N] norm of the raw update; 0 if unadapted
-        total = torch.zeros(len(self.adapted), device=update.device).index_add(0, slot0, norms)
+        total = torch.zeros(len(self.adapted), device=norms.device).index_add(0, slot0, norms.float())
         count = torch.zeros_like(total).index_add(0, slot0, adapted.float())
         ema = self.update_norm_ema[self.adapted_ids]
         batch_mean = total / count.clamp_min(1)
@@ -258,9 +279,15 @@ class MoSELinear(nn.Module):
 
     ``forward(x, modality=None)``: ``modality`` holds the ids of x's tokens (shape ``x.shape[:-1]``);
     inside a model prepared by ``apply_mosear`` / PEFT it comes from the model's modality context.
+    Without adapter dropout (always in eval) the base layer's weight and bias are borrowed and base
+    + update run as one ``mose_linear`` (``fuse_base``); otherwise the base layer runs, then the
+    update is added by ``mose_lora``.
     """
 
     adapter_layer_names = ("mose_adapter",)
+    # Base + update in one mose_linear call whenever the adapter reads x itself (no dropout now);
+    # False (on the class or one layer) keeps the unfused path: base layer, then mose_lora(out=base).
+    fuse_base: bool = True
 
     def __init__(self, base_layer: nn.Linear, adapter_name: str = "default", **adapter_kwargs):
         super().__init__()
@@ -296,10 +323,9 @@ class MoSELinear(nn.Module):
         return self.mose_adapter[names[0]] if names else None
 
     def forward(self, x: torch.Tensor, *args, modality: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        base = self.base_layer(x, *args, **kwargs)
         adapter = self.active_mose_adapter()
         if adapter is None:
-            return base
+            return self.base_layer(x, *args, **kwargs)
         forward_id = None
         if modality is None:
             modality = self._context_modality(x)
@@ -315,9 +341,27 @@ class MoSELinear(nn.Module):
             sample = torch.arange(n_samples, device=x.device).repeat_interleave(x.shape[-2])
         else:
             n_samples, sample = 1, None
-        y = adapter(x.reshape(-1, x.shape[-1]), base.reshape(-1, base.shape[-1]), modality.reshape(-1).long(),
-                    sample, n_samples, forward_id)
+        tokens = (x.reshape(-1, x.shape[-1]), modality.reshape(-1).long(), sample, n_samples, forward_id)
+        if self._fuses_base(adapter, x, args, kwargs):
+            # borrowed, not copied: the base layer keeps owning (and saving) its weight and bias
+            y = adapter(tokens[0], None, *tokens[1:], linear=(self.base_layer.weight, self.base_layer.bias))
+            return y.view(*x.shape[:-1], y.shape[-1])
+        base = self.base_layer(x, *args, **kwargs)
+        y = adapter(tokens[0], base.reshape(-1, base.shape[-1]), *tokens[1:])
         return y.view(*base.shape[:-1], y.shape[-1]).to(base.dtype)
+
+    def _fuses_base(self, adapter: MoSEAdapter, x: torch.Tensor, args, kwargs) -> bool:
+        """Whether this call computes base + update in one ``mose_linear``: ``fuse_base`` is on, the
+        adapter reads x itself (no dropout now), and the base layer is a plain ``nn.Linear`` call
+        (no extra arguments, hooks or autocast) whose weight and bias have x's dtype."""
+        base = self.base_layer
+        if not self.fuse_base or adapter.reads_dropped_input or args or kwargs:
+            return False
+        if type(base).forward is not nn.Linear.forward or base._forward_hooks or base._forward_pre_hooks:
+            return False
+        if torch.is_autocast_enabled(x.device.type):
+            return False
+        return base.weight.dtype == x.dtype and (base.bias is None or base.bias.dtype == x.dtype)
 
     def _context_modality(self, x):
         context = self._mosear_context
