@@ -126,7 +126,7 @@ def predict_hf(model, base_folder: Path, args, labels, device, progress) -> list
     rows = TokenRows(args.data, tokenizer=tokenizer, vocab_size=model.get_input_embeddings().num_embeddings,
                      num_modalities=context.num_modalities, training=False)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    collator = TokenRowsCollator(pad_id=pad_id, placeholders=getattr(context, "placeholder_tokens", {}),
+    collator = TokenRowsCollator(pad_id=pad_id, placeholders=context.placeholder_tokens,
                                  forward_arguments=forward_arguments(model), training=False)
     out = []
     if labels is not None:

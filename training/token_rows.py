@@ -213,11 +213,10 @@ class TokenRowsCollator:
         """(length,) ids of the first ``length`` tokens: the row's own, else from the placeholders (text 0)."""
         if example.modality_ids is not None:
             return torch.tensor(example.modality_ids[:length], dtype=torch.long)
-        ids = torch.tensor(example.input_ids[:length], dtype=torch.long)
-        out = torch.zeros(length, dtype=torch.long)
-        for m, tokens in self.placeholders.items():
-            out[torch.isin(ids, torch.tensor(tokens, dtype=torch.long))] = m
-        return out
+        from mosear_fast.modality import modality_ids_from_placeholders
+
+        ids = torch.tensor([example.input_ids[:length]], dtype=torch.long)
+        return modality_ids_from_placeholders(ids, self.placeholders)[0]
 
     def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
         return self.collate(examples, whole=self.training, left=not self.training)

@@ -198,7 +198,7 @@ def run(s: dict) -> Path:
     if s["ar_training"]:
         apply_mosear(adapted_module(model), ar=ar)
     if s["model"]:  # rows without modality_ids: the model's placeholder tokens give them
-        collator.placeholders = dict(getattr(model._mosear_context, "placeholder_tokens", {}))
+        collator.placeholders = dict(model._mosear_context.placeholder_tokens)
     resume = resolve_resume(s["resume"], out, staging)
     parallel = {"fsdp": True, "fsdp_config": {}} if s["fsdp"] else {}
     args = default_training_arguments(
