@@ -110,6 +110,11 @@ def load_base_model(reference: dict, *, name: str = "model"):
     return model.eval()
 
 
+def has_tokenizer(folder: str | os.PathLike) -> bool:
+    """Whether the folder holds tokenizer files (``tokenizer.json`` or ``tokenizer_config.json``)."""
+    return any((Path(folder) / file).is_file() for file in ("tokenizer.json", "tokenizer_config.json"))
+
+
 def load_tokenizer(folder: str | os.PathLike, *, name: str = "model"):
     """The tokenizer saved in a model folder (``AutoTokenizer``, offline). Right padding is set; callers
     that generate switch to left padding."""
@@ -140,5 +145,5 @@ def transformers_progress(enabled: bool):
         (logging.enable_progress_bar if before else logging.disable_progress_bar)()
 
 
-__all__ = ["HF_FORMAT", "base_reference", "load_base_model", "load_text_config", "load_tokenizer", "model_class_name",
-           "transformers_progress"]
+__all__ = ["HF_FORMAT", "TRAINED_PART", "base_reference", "has_tokenizer", "load_base_model", "load_text_config",
+           "load_tokenizer", "model_class_name", "transformers_progress"]

@@ -144,7 +144,7 @@ def regularizers_across_ranks(out: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from mosear_fast.mose_linear import MoSEAdapter
+    from mosear_fast.mose_layer import MoSEAdapter
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

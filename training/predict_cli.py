@@ -112,16 +112,15 @@ def run(args) -> int:
 
 
 def predict_hf(model, base_folder: Path, args, labels, device, progress) -> list[dict]:
-    from mosear_fast.base_model import load_tokenizer
+    from mosear_fast.base_model import has_tokenizer, load_tokenizer
 
     from .scoring import generate_answers, score_labels
     from .token_rows import TokenRows, TokenRowsCollator, encode_answer, forward_arguments
 
-    has_tokenizer = any((base_folder / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json"))
-    tokenizer = load_tokenizer(base_folder) if has_tokenizer else None
-    if tokenizer is None:
+    if not has_tokenizer(base_folder):
         raise ValueError(f"OUT: its base model {base_folder} has no tokenizer, which mosear-predict needs to "
                          "encode labels and decode answers")
+    tokenizer = load_tokenizer(base_folder)
     context = model._mosear_context
     rows = TokenRows(args.data, tokenizer=tokenizer, vocab_size=model.get_input_embeddings().num_embeddings,
                      num_modalities=context.num_modalities, training=False)

@@ -141,7 +141,7 @@ def builtin_setup(s: dict):
 def hf_setup(s: dict, mose):
     """A Hugging Face model folder: ``(model, dataset, collator, backbone.json content, None)``. The rows
     are checked before the weights load."""
-    from mosear_fast.base_model import base_reference, load_base_model, load_text_config, load_tokenizer
+    from mosear_fast.base_model import base_reference, has_tokenizer, load_base_model, load_text_config, load_tokenizer
 
     from .token_rows import TokenRows, TokenRowsCollator, forward_arguments
 
@@ -158,8 +158,7 @@ def hf_setup(s: dict, mose):
     if not path.is_file():
         raise ValueError(f"train_data: {path} is not a file; expected a JSONL file of training rows")
     text_config = load_text_config(reference, name="model")
-    has_tokenizer = any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
-    tokenizer = load_tokenizer(folder) if has_tokenizer else None
+    tokenizer = load_tokenizer(folder) if has_tokenizer(folder) else None
     dataset = TokenRows(path, tokenizer=tokenizer, vocab_size=int(text_config.vocab_size),
                         num_modalities=len(mose.modalities),
                         max_length=getattr(text_config, "max_position_embeddings", None))
