@@ -8,6 +8,7 @@ peft): ``MoSEConfig``, ``ARConfig``, ``apply_mosear``, ``aux_loss``, ``attention
 ``MoSELinear``, ``modality_ids_from_spans``, ``modality_ids_from_token_ids``.
 """
 
+from . import _peft_registration
 from ._lazy import lazy_attributes
 from .ops import ar_attention, mose_linear, mose_lora
 
@@ -31,3 +32,4 @@ _LAZY = {
 __all__ = ["ar_attention", "mose_linear", "mose_lora", "__version__", *_LAZY]
 
 __getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
+_peft_registration.install()  # PeftModel.from_pretrained finds saved MoSE adapters after `import mosear_fast`

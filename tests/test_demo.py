@@ -49,6 +49,7 @@ def test_quick_demo_writes_the_results_contract(two_seeds, capsys):
         [m["mean3"] - b["mean3"] for m, b in zip(mose["per_seed"], base, strict=True)])
     for name in ("demo.png", "tradeoff.png", "results.md"):
         assert (out / name).stat().st_size > 0
+    assert (out / "mose" / "adapter_model.safetensors").is_file()  # the kept MoSE folder, PEFT's format
     assert not (out / ".work").exists()
     assert len(results["choices"]) == 2 and {"ar", "mose_ar", "mose_size", "lora_rank"} <= set(results["choices"][0])
     curves = results["tradeoff"]["curves"]

@@ -275,7 +275,7 @@ def trained_folder(tmp_path_factory):
     return write_trained_folder(tmp_path_factory.mktemp("corrupt") / "run")
 
 
-@pytest.mark.parametrize("name, fragment", [("adapter.safetensors", "MoSE adapter tensors"),
+@pytest.mark.parametrize("name, fragment", [("adapter_model.safetensors", "MoSE adapter tensors"),
                                             ("backbone.safetensors", "backbone weights")])
 def test_corrupt_weights_file(trained_folder, tmp_path, capsys, name, fragment):
     import shutil

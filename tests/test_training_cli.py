@@ -28,7 +28,7 @@ def test_yaml_config_with_flag_override(tmp_path, capsys):
                       "num_experts: 2\nprogress: false\n")
     assert train_cli.main(["--config", str(config), "--rank", "2", "--ar-strength", "0.3"]) == 0
     out = tmp_path / "out"
-    assert json.loads((out / "mose_config.json").read_text())["r"] == 2  # the flag wins
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 2  # the flag wins
     assert json.loads((out / "ar_config.json").read_text())["strength"] == 0.3
     model = load_trained(out)
     assert model.sizes.n_visual == 4
@@ -152,7 +152,7 @@ def test_failure_keeps_a_previous_output_and_the_checkpoints_of_the_failed_run(t
     out = tmp_path / "out"
     assert train_cli.main(["--output-dir", str(out), *SMALL]) == 0
     previous = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    assert "adapter.safetensors" in previous and not (tmp_path / ".out.partial").exists()
+    assert "adapter_model.safetensors" in previous and not (tmp_path / ".out.partial").exists()
     # A sample file disappears in the third batch (reads 9-12), after a checkpoint every step.
     manifest = _manifest(tmp_path)
     read = ManifestDataset.__getitem__
@@ -181,7 +181,7 @@ def test_failure_keeps_a_previous_output_and_the_checkpoints_of_the_failed_run(t
     assert train_cli.main([*argv, "--resume", "last"]) == 0
     assert not staging.exists()
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3
-    assert (out / "adapter.safetensors").read_bytes() != previous["adapter.safetensors"]
+    assert (out / "adapter_model.safetensors").read_bytes() != previous["adapter_model.safetensors"]
     load_trained(out)
 
 

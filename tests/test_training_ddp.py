@@ -2,7 +2,8 @@
 with the same global batch: with DDP, and with FSDP2 through the Trainer (accelerate). The load-balance
 loss is on (a large coefficient): its statistics are all-reduced over the ranks (``MoSEAdapter._regularizers``),
 so it is the global batch's, as in one process. Also runnable as the worker itself:
-``python tests/test_training_ddp.py OUT PER_DEVICE_BATCH {ddp,fsdp,fsdp-as-is,regularizers}``.
+``python tests/test_training_ddp.py OUT PER_DEVICE_BATCH {ddp,fsdp,fsdp-as-is,regularizers,hf}`` (``hf``: a
+Hugging Face model folder, ``--model DIR --train-data ROWS`` after the mode).
 
 FSDP on the CPU: accelerate 1.15 enables FSDP only for multi-accelerator runs (``AcceleratorState``
 switches to ``DistributedType.FSDP`` in its MULTI_GPU/XPU/NPU/... branch); a ``use_cpu`` gloo run is
@@ -72,7 +73,7 @@ def run_training(out: Path, per_device_batch: int, mode: str, world: int, *extra
                    cwd=ROOT, timeout=300)
     from safetensors.torch import load_file
 
-    return load_file(str(out / "adapter.safetensors"))
+    return load_file(str(out / "adapter_model.safetensors"))
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +119,16 @@ def test_fsdp_run_resumed_from_a_checkpoint_equals_the_uninterrupted_run(tmp_pat
         assert torch_equal(uninterrupted[name], resumed[name]), name
 
 
+@pytest.mark.slow
+def test_two_process_ddp_on_a_hugging_face_model_equals_one_process(tmp_path):
+    from mosear_fast.training.example_model import write_example
+
+    example = write_example(tmp_path / "example")  # every row has the same length: the ranks' token counts agree
+    model = ["--model", str(example["model"]), "--train-data", str(example["train"])]
+    one = run_training(tmp_path / "one", 8, "hf", 1, *model)
+    assert_same_adapter(one, run_training(tmp_path / "two", 4, "hf", 2, *model))
+
+
 def torch_equal(a, b) -> bool:
     import torch
 
@@ -133,7 +144,7 @@ def regularizers_across_ranks(out: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from mosear_fast.mose_linear import MoSEAdapter
+    from mosear_fast.mose_layer import MoSEAdapter
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -198,5 +209,6 @@ if __name__ == "__main__":
     if mode == "fsdp":
         lift_accelerate_cpu_gate()
         record_wrapping(f"{out}.wrapping.json")
-    sys.exit(train_cli.main(["--output-dir", out, "--batch-size", per_device_batch, *SETTINGS, *extra,
+    settings = SETTINGS[4:] if mode == "hf" else SETTINGS  # (the built-in model's data and sizes)
+    sys.exit(train_cli.main(["--output-dir", out, "--batch-size", per_device_batch, *settings, *extra,
                              *sys.argv[4:]]))

@@ -107,7 +107,7 @@ def test_checkpoints_hold_the_adapter_only_and_no_pickled_model(tmp_path):
     fit(tmp_path / "run", max_steps=4, save_strategy="steps", save_steps=2)
     for folder in (tmp_path / "run", tmp_path / "run" / "checkpoint-2"):
         names = {p.name for p in folder.iterdir()}
-        assert {ADAPTER_FILE, "mose_config.json", "ar_config.json", "backbone.json", "training_args.json"} <= names
+        assert {ADAPTER_FILE, "adapter_config.json", "ar_config.json", "backbone.json", "training_args.json"} <= names
         assert not names & {"model.safetensors", "pytorch_model.bin", "training_args.bin"}
         tensors = load_file(str(folder / ADAPTER_FILE))
         assert all(".mose_adapter." in k for k in tensors)
@@ -132,5 +132,5 @@ def test_load_trained_rebuilds_the_fitted_model(tmp_path):
 
 
 def test_load_trained_rejects_a_folder_that_is_not_an_output(tmp_path):
-    with pytest.raises(ValueError, match="mose_config.json"):
+    with pytest.raises(ValueError, match="adapter_config.json"):
         load_trained(tmp_path)

@@ -15,10 +15,17 @@ import torch
 from mosear_fast.atomic import atomic_save_tensors
 
 # The adapter file's name, its tensors and its reader are shared with export (mosear_fast.trained).
-from mosear_fast.trained import ADAPTER_FILE, ADAPTER_MARK, adapter_state_dict, load_adapter
+from mosear_fast.trained import (
+    ADAPTER_FILE,
+    ADAPTER_MARK,
+    adapted_prefix,
+    adapter_state_dict,
+    load_adapter,
+    to_peft_keys,
+)
 
-__all__ = ["ADAPTER_FILE", "ADAPTER_MARK", "adapter_state_dict", "load_adapter", "mose_adapters", "save_adapter",
-           "sync_dynamic_weights"]
+__all__ = ["ADAPTER_FILE", "ADAPTER_MARK", "adapted_prefix", "adapter_state_dict", "load_adapter", "mose_adapters",
+           "save_adapter", "sync_dynamic_weights"]
 
 
 def mose_adapters(model) -> list:
@@ -28,9 +35,17 @@ def mose_adapters(model) -> list:
     return [m for m in model.modules() if isinstance(m, MoSEAdapter)]
 
 
-def save_adapter(path: str | os.PathLike, model_or_state, metadata: dict[str, str] | None = None) -> None:
-    """Write the adapter tensors to a safetensors file, atomically."""
-    atomic_save_tensors(path, adapter_state_dict(model_or_state), metadata=metadata)
+def save_adapter(path: str | os.PathLike, model_or_state, metadata: dict[str, str] | None = None, *,
+                 prefix: str | None = None) -> None:
+    """Write the adapter tensors to a safetensors file under PEFT's names, atomically. ``prefix``: the
+    state-dict prefix of the module MoSE was applied to (needed for a state dict; for a model, default:
+    the module ``apply_mosear`` prepared)."""
+    if prefix is None:
+        if isinstance(model_or_state, dict):
+            raise TypeError("prefix: required with a state dict (the name of the module MoSE was applied to)")
+        prefix = adapted_prefix(model_or_state)
+    atomic_save_tensors(path, to_peft_keys(adapter_state_dict(model_or_state), prefix),
+                        metadata={"format": "pt", **(metadata or {})})
 
 
 @torch.no_grad()

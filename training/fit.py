@@ -2,7 +2,8 @@
 
 ``prepare_mose`` installs the adapters (seeded, so every rank and every rerun starts from the same
 adapter) and freezes everything else; ``fit_mose`` runs ``MoSETrainer`` and writes the output
-folder (format: ``trained_folder``).
+folder (format: ``trained_folder``). The model is a Hugging Face model (MoSE goes on it) or the
+built-in audio-visual LM (MoSE goes on its ``llm``).
 """
 
 from __future__ import annotations
@@ -18,31 +19,40 @@ from .trained_folder import BACKBONE_FILE, folder_files, write_json
 from .trainer import MoSETrainer, freeze_all_but_adapters
 
 
+def adapted_module(model):
+    """The module MoSE goes on: the built-in audio-visual LM's ``llm``, else the model itself."""
+    from mosear_fast.av_model import AudioVisualLM
+
+    return model.llm if isinstance(model, AudioVisualLM) else model
+
+
 def prepare_mose(model, mose, *, seed: int = 0):
-    """``apply_mosear(model.llm, mose=mose)`` with adapter initialisation drawn from ``seed``; only the
-    adapters train. Returns the model (in place)."""
+    """``apply_mosear(adapted_module(model), mose=mose)`` with adapter initialisation drawn from ``seed``;
+    only the adapters train. Returns the model (in place)."""
     from mosear_fast import apply_mosear
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        apply_mosear(model.llm, mose=mose)
+        apply_mosear(adapted_module(model), mose=mose)
     freeze_all_but_adapters(model)
     return model
 
 
 def fit_mose(model, train_dataset, args, *, mose, ar=None, backbone: dict, eval_dataset=None,
-             resume_from_checkpoint: str | bool | None = None, callbacks=None,
+             data_collator=None, resume_from_checkpoint: str | bool | None = None, callbacks=None,
              quiet_logs: bool = False) -> MoSETrainer:
     """Train the adapters of a ``prepare_mose``'d model with ``args`` (transformers TrainingArguments),
     then write the output folder ``args.output_dir``. ``backbone``: the reference written as
-    ``backbone.json`` (weights path relative to the output folder; checkpoints get it relative to
-    theirs). Returns the trainer (its ``state.log_history`` has the logs). ``quiet_logs``: keep the
-    progress bar (if any) but print no logged dict."""
+    ``backbone.json`` (for the built-in model, a weights path relative to the output folder; checkpoints
+    get it relative to theirs). ``data_collator``: items -> model kwargs (default: the built-in model's
+    ``AVCollator``). Returns the trainer (its ``state.log_history`` has the logs). ``quiet_logs``: keep
+    the progress bar (if any) but print no logged dict."""
     checkpoint_backbone = dict(backbone)
     if backbone.get("weights"):
         checkpoint_backbone["weights"] = f"../{backbone['weights']}"
     trainer = MoSETrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                          data_collator=AVCollator(), modalities=mose.modalities, llm=model.llm,
+                          data_collator=data_collator or AVCollator(), modalities=mose.modalities,
+                          llm=adapted_module(model),
                           folder_files=folder_files(mose, ar, checkpoint_backbone), callbacks=callbacks)
     if quiet_logs:  # no dict of logs printed: under the bar, or (without a bar) by the PrinterCallback
         trainer.pop_callback(PrinterCallback)

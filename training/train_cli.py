@@ -1,10 +1,15 @@
-"""``mosear-train``: fit MoSE adapters on the frozen built-in audio-visual LM.
+"""``mosear-train``: fit MoSE adapters on a frozen model: a Hugging Face model folder, or the built-in
+audio-visual LM.
 
+    mosear-train --model MODEL_DIR --train-data rows.jsonl --output-dir OUT [--field value ...]
     mosear-train --config train.yaml [--field value ...]
     torchrun --nproc_per_node 2 -m mosear_fast.training.train_cli --config train.yaml
 
 Settings come from the YAML file and flags (flags win); every field is listed below. The output
-folder (format: ``mosear_fast.training.trained_folder``) reloads with ``load_trained(folder)``.
+folder is a PEFT adapter folder plus the base model's reference and the AR config (format:
+``mosear_fast.trained``): ``load_trained(OUT)``, ``PeftModel.from_pretrained(base, OUT)`` (after
+``import mosear_fast``), ``mosear-predict OUT`` and ``mosear-export OUT`` read it. Mixed precision
+through ``--precision bf16|fp16`` (the Trainer's flags); DDP/FSDP through torchrun or accelerate.
 
 The run writes into a staging folder beside the output folder, ``.<name>.partial``, and moves its
 files into the output folder only when training has finished: a failed run leaves nothing in the
@@ -92,51 +97,90 @@ def resolve_resume(resume: str | None, out: Path, staging: Path) -> str | None:
     return resume
 
 
-def training_data(s: dict):
+def builtin_setup(s: dict):
+    """The built-in audio-visual LM: ``(model, dataset, collator, backbone.json content, weights to copy)``."""
+    from safetensors import SafetensorError
+
+    from mosear_fast.av_model import build_demo_model
+
+    from .av_batches import AVCollator
     from .data import ManifestDataset
     from .synthetic import generate_camer
+    from .trained_folder import BACKBONE_WEIGHTS_FILE, backbone_reference, load_backbone
 
     if s["train_data"] == "synthetic":
         n_visual = int(s["backbone_sizes"].get("n_visual", 32))
-        return generate_camer(n_samples=s["synthetic_samples"], seed=s["data_seed"], n_visual_tokens=n_visual,
-                              proportions={"video_aligned": 1.0, "audio_aligned": 1.0, "consistent": 1.0})
-    path = Path(s["train_data"])
-    if not path.is_file():
-        raise ValueError(f"train_data: {path} is not a file; expected a manifest.jsonl or 'synthetic'")
-    return ManifestDataset(path, modalities=("visual", "audio"))
-
-
-def run(s: dict) -> Path:
-    from safetensors import SafetensorError
-
-    from mosear_fast import ARConfig, MoSEConfig
-    from mosear_fast.atomic import staged_folder
-    from mosear_fast.av_model import build_demo_model
-
-    from .fit import default_training_arguments, fit_mose, prepare_mose
-    from .trained_folder import BACKBONE_FILE, BACKBONE_WEIGHTS_FILE, backbone_reference, load_backbone
-    from .trainer import barrier, is_main_process
-
-    out = Path(s["output_dir"])
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"output_dir: {out} exists and is not a folder")
-    staging = staging_folder(out)
-    dataset = training_data(s)
+        dataset = generate_camer(n_samples=s["synthetic_samples"], seed=s["data_seed"], n_visual_tokens=n_visual,
+                                 proportions={"video_aligned": 1.0, "audio_aligned": 1.0, "consistent": 1.0})
+    else:
+        path = Path(s["train_data"])
+        if not path.is_file():
+            raise ValueError(f"train_data: {path} is not a file; expected a manifest.jsonl or 'synthetic'")
+        dataset = ManifestDataset(path, modalities=("visual", "audio"))
     reference = backbone_reference(s["backbone_seed"], s["backbone_sizes"], None)
     try:
         build_demo_model(0, **s["backbone_sizes"])  # checks the sizes before anything is written
     except (TypeError, ValueError) as e:
         raise ValueError(f"backbone_sizes: {e}") from None
+    weights = None
     if s["backbone_weights"]:
         weights = Path(s["backbone_weights"]).resolve()
         if not weights.is_file():
             raise ValueError(f"backbone_weights: {weights} is not a file")
         reference = {**reference, "weights": str(weights)}
     try:
-        model = load_backbone(out, reference)  # absolute weights path: resolved as is
-    except (RuntimeError, SafetensorError) as e:  # not safetensors, or tensors of another backbone
+        model = load_backbone(Path("."), reference)  # absolute weights path: resolved as is
+    except (ValueError, RuntimeError, SafetensorError) as e:  # not safetensors, or tensors of another backbone
         raise ValueError(f"backbone_weights: {s['backbone_weights']}: not this backbone's weights "
                          f"({str(e).splitlines()[0]})") from None
+    if weights is not None:  # the file is copied beside the adapter; backbone.json names the copy
+        reference = {**reference, "weights": BACKBONE_WEIGHTS_FILE}
+    return model, dataset, AVCollator(), reference, weights
+
+
+def hf_setup(s: dict, mose):
+    """A Hugging Face model folder: ``(model, dataset, collator, backbone.json content, None)``. The rows
+    are checked before the weights load."""
+    from mosear_fast.base_model import base_reference, has_tokenizer, load_base_model, load_text_config, load_tokenizer
+
+    from .token_rows import TokenRows, TokenRowsCollator, forward_arguments
+
+    builtin_only = [f.name for f in FIELDS if f.name.startswith(("backbone_", "synthetic_", "data_seed"))
+                    and s[f.name] != f.default]
+    if builtin_only:
+        raise ValueError(f"{builtin_only[0]}: applies to the built-in model only, not to --model {s['model']}")
+    folder = Path(s["model"])
+    reference = base_reference(folder, name="model")
+    if s["train_data"] == "synthetic":
+        raise ValueError("train_data: with --model, expected a JSONL file of rows ({id, input_ids, labels} or "
+                         "{id, prompt, answer}); 'synthetic' is the built-in model's data")
+    path = Path(s["train_data"])
+    if not path.is_file():
+        raise ValueError(f"train_data: {path} is not a file; expected a JSONL file of training rows")
+    text_config = load_text_config(reference, name="model")
+    tokenizer = load_tokenizer(folder) if has_tokenizer(folder) else None
+    dataset = TokenRows(path, tokenizer=tokenizer, vocab_size=int(text_config.vocab_size),
+                        num_modalities=len(mose.modalities),
+                        max_length=getattr(text_config, "max_position_embeddings", None))
+    model = load_base_model(reference, name="model")
+    pad_id = next((v for v in (getattr(tokenizer, "pad_token_id", None), getattr(text_config, "pad_token_id", None))
+                   if isinstance(v, int) and v >= 0), 0)
+    collator = TokenRowsCollator(pad_id=pad_id, forward_arguments=forward_arguments(model))
+    return model, dataset, collator, reference, None
+
+
+def run(s: dict) -> Path:
+    from mosear_fast import ARConfig, MoSEConfig, apply_mosear
+    from mosear_fast.atomic import staged_folder
+
+    from .fit import adapted_module, default_training_arguments, fit_mose, prepare_mose
+    from .trained_folder import BACKBONE_FILE, BACKBONE_WEIGHTS_FILE
+    from .trainer import barrier, is_main_process
+
+    out = Path(s["output_dir"])
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output_dir: {out} exists and is not a folder")
+    staging = staging_folder(out)
     try:
         mose = MoSEConfig(r=s["rank"], alpha=s["alpha"], num_experts=s["num_experts"], top_k=s["top_k"],
                           routing=s["routing"], target_modules=s["target_modules"], dropout=s["dropout"],
@@ -146,7 +190,14 @@ def run(s: dict) -> Path:
         ar = ARConfig(strength=s["ar_strength"]) if s["ar"] else None
     except (TypeError, ValueError) as e:  # a combination the field checks alone cannot see
         raise ValueError(str(e)) from None
+    if s["ar_training"] and ar is None:
+        raise ValueError("ar_training: needs ar true (the AR config to train with)")
+    model, dataset, collator, reference, weights = hf_setup(s, mose) if s["model"] else builtin_setup(s)
     prepare_mose(model, mose, seed=s["seed"])
+    if s["ar_training"]:
+        apply_mosear(adapted_module(model), ar=ar)
+    if s["model"]:  # rows without modality_ids: the model's placeholder tokens give them
+        collator.placeholders = dict(model._mosear_context.placeholder_tokens)
     resume = resolve_resume(s["resume"], out, staging)
     parallel = {"fsdp": True, "fsdp_config": {}} if s["fsdp"] else {}
     args = default_training_arguments(
@@ -167,19 +218,12 @@ def run(s: dict) -> Path:
     with (staged_folder(out, staging=staging, last=(BACKBONE_FILE,), keep_on_error=has_checkpoint)
           if main_process else contextlib.nullcontext(staging)):
         barrier()  # the staging folder exists
-        if s["backbone_weights"] and main_process:  # the file loaded (strictly) above, beside the adapter
-            shutil.copyfile(reference["weights"], staging / BACKBONE_WEIGHTS_FILE)
-        fit_mose(model, dataset, args, mose=mose, ar=ar, backbone=_local_weights(reference),
+        if weights is not None and main_process:  # the file loaded (strictly) above, beside the adapter
+            shutil.copyfile(weights, staging / BACKBONE_WEIGHTS_FILE)
+        fit_mose(model, dataset, args, mose=mose, ar=ar, backbone=reference, data_collator=collator,
                  resume_from_checkpoint=resume)
         barrier()  # every rank's last write is done before rank 0 publishes
     return out
-
-
-def _local_weights(reference: dict) -> dict:
-    """The backbone reference as written: a weights file is copied beside the adapter."""
-    from .trained_folder import BACKBONE_WEIGHTS_FILE
-
-    return {**reference, "weights": BACKBONE_WEIGHTS_FILE} if reference["weights"] else reference
 
 
 def describe(error: BaseException) -> str:
@@ -199,7 +243,10 @@ def main(argv=None) -> int:
     settings = None
     try:
         settings = resolve_settings(read_yaml(config) if config else {}, parsed)
-        out = run(settings)
+        from mosear_fast.base_model import transformers_progress
+
+        with transformers_progress(settings["progress"]):
+            out = run(settings)
     except (ValueError, OSError) as e:
         note = ""
         with contextlib.suppress(ValueError):  # (no staging folder for a bad output_dir)

@@ -29,9 +29,15 @@ class Field:
 
 
 FIELDS = (
-    Field("output_dir", "path", None, "output folder (required): adapter, configs, backbone reference, checkpoints"),
-    Field("train_data", "str", "synthetic", "training data: a manifest.jsonl (mosear data format) or 'synthetic' "
-          "(a balanced synthetic CA-MER draw)"),
+    Field("output_dir", "path", None, "output folder (required): a PEFT adapter folder (adapter_config.json, "
+          "adapter_model.safetensors), ar_config.json, backbone.json (the base model), checkpoints"),
+    Field("model", "path", None, "a Hugging Face model folder (save_pretrained: LLaMA, Qwen2, Mistral, ..., the "
+          "Qwen2.5-Omni thinker) to fit MoSE on, loaded with its own class; default: the built-in audio-visual "
+          "LM (the backbone_* fields)"),
+    Field("train_data", "str", "synthetic", "training data. With --model: a JSONL file of rows {id, input_ids, "
+          "labels, modality_ids?} or {id, prompt, answer} (+ features: a safetensors file of the model's "
+          "multimodal inputs), see mosear_fast.training.token_rows. Built-in model: a manifest.jsonl (mosear "
+          "data format) or 'synthetic' (a balanced synthetic CA-MER draw)"),
     Field("synthetic_samples", "int", 1200, "samples of the 'synthetic' training data", low=3),
     Field("data_seed", "int", 0, "seed of the 'synthetic' training data"),
     Field("backbone_seed", "int", 0, "seed of the built-in audio-visual LM (mosear_fast.av_model)"),
@@ -53,6 +59,8 @@ FIELDS = (
     Field("weight_clip", "list", [0.5, 2.0], "(w_min, w_max) of the dynamic weights", item="float", length=2),
     Field("ar", "bool", True, "store an AR config for inference in the output folder"),
     Field("ar_strength", "float", 0.5, "AR strength in [0, 1] for inference", low=0.0),
+    Field("ar_training", "bool", False, "also run AR while training (the adapters then learn under the attention "
+          "the model uses at inference; the logs get attention shares)"),
     Field("epochs", "float", 3.0, "training epochs", low=0.0),
     Field("max_steps", "int", -1, "stop after this many optimizer steps (-1: run the epochs)"),
     Field("batch_size", "int", 32, "samples per device per micro-step", low=1),

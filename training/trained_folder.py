@@ -9,26 +9,34 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 from mosear_fast.atomic import atomic_save_tensors, atomic_write_text
 from mosear_fast.trained import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_FILE,
     AR_CONFIG_FILE,
     BACKBONE_FILE,
     BACKBONE_FORMAT,
     BACKBONE_WEIGHTS_FILE,
     BUILDER,
-    MOSE_CONFIG_FILE,
     load_backbone,
     load_trained,
 )
 
+PEFT_TASK_TYPE = "CAUSAL_LM"  # PeftModel.from_pretrained wraps the base in PeftModelForCausalLM
 
-def mose_config_fields(config) -> dict:
-    """The JSON form of a MoSEConfig."""
-    keep = {f.name for f in fields(config) if f.init}
-    return {k: v for k, v in config.to_dict().items() if k in keep}
+
+def adapter_config_fields(config, base_folder: str | None) -> dict:
+    """The ``adapter_config.json`` content of a MoSEConfig, as ``PeftConfig.save_pretrained`` writes it:
+    every field, ``base_model_name_or_path`` the base folder (None for the built-in model)."""
+    import peft
+
+    fields = config.to_dict()
+    fields.update(base_model_name_or_path=base_folder, task_type=PEFT_TASK_TYPE, inference_mode=True,
+                  peft_version=peft.__version__)
+    return {k: (list(v) if isinstance(v, (tuple, set)) else v) for k, v in sorted(fields.items())}
 
 
 def ar_config_fields(config) -> dict | None:
@@ -42,13 +50,15 @@ def ar_config_fields(config) -> dict | None:
 
 
 def backbone_reference(seed: int, sizes: dict, weights: str | None) -> dict:
+    """``backbone.json`` of the built-in audio-visual LM."""
     return {"format": BACKBONE_FORMAT, "builder": BUILDER, "seed": int(seed), "sizes": dict(sizes),
             "weights": weights}
 
 
 def folder_files(mose, ar, backbone: dict) -> dict[str, object]:
-    """{file name: JSON content} of the configs and backbone reference (what every save writes)."""
-    return {MOSE_CONFIG_FILE: mose_config_fields(mose), AR_CONFIG_FILE: ar_config_fields(ar),
+    """{file name: JSON content} of the configs and base reference (what every save writes)."""
+    base_folder = backbone.get("path") if backbone.get("format") != BACKBONE_FORMAT else None
+    return {ADAPTER_CONFIG_FILE: adapter_config_fields(mose, base_folder), AR_CONFIG_FILE: ar_config_fields(ar),
             BACKBONE_FILE: backbone}
 
 
@@ -64,7 +74,7 @@ def write_json(path: str | os.PathLike, content) -> None:
 
 
 __all__ = [
-    "AR_CONFIG_FILE", "BACKBONE_FILE", "BACKBONE_FORMAT", "BACKBONE_WEIGHTS_FILE", "BUILDER", "MOSE_CONFIG_FILE",
-    "ar_config_fields", "backbone_reference", "folder_files", "load_backbone", "load_trained", "mose_config_fields",
-    "write_backbone_weights", "write_json",
+    "ADAPTER_CONFIG_FILE", "ADAPTER_FILE", "AR_CONFIG_FILE", "BACKBONE_FILE", "BACKBONE_FORMAT",
+    "BACKBONE_WEIGHTS_FILE", "BUILDER", "adapter_config_fields", "ar_config_fields", "backbone_reference",
+    "folder_files", "load_backbone", "load_trained", "write_backbone_weights", "write_json",
 ]

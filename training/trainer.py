@@ -12,8 +12,9 @@ is the Trainer's own):
   ranks use the same ``w_m`` (``adapter_state.sync_dynamic_weights``);
 - ``fsdp`` that accelerate silently dropped (a CPU or one-process run) is refused, not run as DDP;
 - logs: ``task_loss``, ``aux_loss``, per-modality weights, expert load and (with AR) attention shares;
-- checkpoints hold the adapter only (``adapter.safetensors``, dynamic-weight buffers included), the
-  JSON files given as ``folder_files`` (configs, backbone reference), ``training_args.json`` and the
+- checkpoints hold the adapter only, as a PEFT adapter (``adapter_model.safetensors`` under PEFT's names,
+  dynamic-weight buffers included; ``adapter_config.json`` among the JSON files given as
+  ``folder_files``: configs, base reference), ``training_args.json`` and the
   Trainer's own resume state (``trainer_state.json``, ``optimizer.pt``, ``scheduler.pt``,
   ``rng_state.pth``: written by the Trainer with ``torch.save`` of tensors and plain values, read back
   with ``torch.load(weights_only=True)``). No pickled model, no pickled ``TrainingArguments``.
@@ -33,7 +34,14 @@ from transformers import Trainer
 
 from mosear_fast.atomic import atomic_write_text
 
-from .adapter_state import ADAPTER_FILE, ADAPTER_MARK, load_adapter, save_adapter, sync_dynamic_weights
+from .adapter_state import (
+    ADAPTER_FILE,
+    ADAPTER_MARK,
+    adapted_prefix,
+    load_adapter,
+    save_adapter,
+    sync_dynamic_weights,
+)
 from .mose_stats import MoSEStats, mean_attention_shares
 
 TRAINING_ARGS_FILE = "training_args.json"
@@ -72,6 +80,7 @@ class MoSETrainer(Trainer):
         self.modalities = tuple(modalities)
         self._llm = llm
         self.folder_files = dict(folder_files or {})
+        self._adapter_prefix = adapted_prefix(self.model)  # PEFT names are relative to the adapted module
         self._stats = MoSEStats(self.model, self.modalities)
         self._sums = {"task_loss": 0.0, "aux_loss": 0.0}
         self._n_sums = 0
@@ -116,7 +125,7 @@ class MoSETrainer(Trainer):
         os.makedirs(output_dir, exist_ok=True)
         # FSDP passes the gathered full state dict; otherwise the (unwrapped) model has it.
         source = state_dict if state_dict is not None else self.accelerator.unwrap_model(self.model)
-        save_adapter(os.path.join(output_dir, ADAPTER_FILE), source, metadata={"format": "pt"})
+        save_adapter(os.path.join(output_dir, ADAPTER_FILE), source, prefix=self._adapter_prefix)
         for name, content in self.folder_files.items():
             atomic_write_text(os.path.join(output_dir, name), json.dumps(content, indent=2) + "\n")
         atomic_write_text(os.path.join(output_dir, TRAINING_ARGS_FILE), self.args.to_json_string() + "\n")
