@@ -146,10 +146,19 @@ def mose_lora_fused(x, modality, expert, gate, A, B, scale, out=None, *, inplace
     return out.copy_(y) if inplace else y
 
 
+def mose_linear_fused(x, weight, bias, modality, expert, gate, A, B, scale, *, return_update_norm=False, **_):
+    """``mose_linear`` (MoSELinear's fused base path) as the base ``MatMul``/``Add`` and one
+    ``mosear.MoSELoRA`` node: the plugins take the base output as ``out``, so the node is the same."""
+    if return_update_norm:
+        raise ValueError("return_update_norm: the update norm is a training-time measure; an export has none")
+    base = torch.nn.functional.linear(x, weight, bias)
+    return mose_lora_fused(x, modality, expert, gate, A, B, scale, out=base)
+
+
 @contextlib.contextmanager
 def fused_forms():
     """While open, an export writes the two ops as custom nodes."""
     from mosear_fast.backend import export_forms
 
-    with export_forms(mose_lora=mose_lora_fused, ar_attention=ar_attention_fused):
+    with export_forms(mose_lora=mose_lora_fused, mose_linear=mose_linear_fused, ar_attention=ar_attention_fused):
         yield
