@@ -10,9 +10,6 @@ may then pick the other one); it is reported either way.
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import numpy as np
 import torch
 
@@ -20,10 +17,10 @@ from mosear_fast.tolerances import rel_error
 
 from .generate import OnnxGenerator
 from .sources import example_inputs
+from .validate import LATENCY_RUNS, median_ms
 from .with_past import AudioVisualWithPast
 
 DECODE_TOKENS = 16
-LATENCY_WARMUP, LATENCY_RUNS = 2, 10
 
 
 def reference_generate(module, inputs, max_new_tokens: int):
@@ -94,16 +91,6 @@ def greedy_check(module, reference_module, folder, batch: int, length: int, rtol
     return result
 
 
-def _median_ms(run) -> float:
-    for _ in range(LATENCY_WARMUP):
-        run()
-    times = []
-    for _ in range(LATENCY_RUNS):
-        start = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
 
 def decoder_latency(module, session, batch: int, prompt: int) -> dict:
     """Median latency (ms) of one prefill call (``prompt`` tokens, empty past) and of one decode call
@@ -116,8 +103,8 @@ def decoder_latency(module, session, batch: int, prompt: int) -> dict:
         inputs = example_inputs(module, batch, length, seed=123, past=past)
         feeds = {n: t.numpy() for n, t in zip(names, inputs)}
         with torch.no_grad():
-            torch_ms = _median_ms(lambda: module(*inputs))  # noqa: B023  (called right here)
-        ort_ms = _median_ms(lambda: session.run(None, feeds)) if session is not None else None  # noqa: B023
+            torch_ms = median_ms(lambda: module(*inputs))  # noqa: B023  (called right here)
+        ort_ms = median_ms(lambda: session.run(None, feeds)) if session is not None else None  # noqa: B023
         result[phase] = {"seq": length, "past": past, "pytorch_ms": torch_ms, "onnxruntime_ms": ort_ms,
                          "onnxruntime_over_pytorch": ort_ms / torch_ms if ort_ms and torch_ms > 0 else None}
     return result

@@ -166,7 +166,8 @@ def not_run(shapes, output_names, reason: str) -> list[dict]:
     return entries
 
 
-def _median_ms(run) -> float:
+def median_ms(run) -> float:
+    """Median wall time of ``run()`` in ms over LATENCY_RUNS calls, after LATENCY_WARMUP."""
     for _ in range(LATENCY_WARMUP):
         run()
     times = []
@@ -183,8 +184,8 @@ def latency(module: ExportModule, session, batch: int, length: int, *, input_nam
     feeds = _feeds(inputs, input_names)
     device = next(module.parameters()).device
     with torch.no_grad():
-        torch_ms = _median_ms(lambda: module(*inputs))
-    ort_ms = _median_ms(lambda: session.run(None, feeds)) if session is not None else None
+        torch_ms = median_ms(lambda: module(*inputs))
+    ort_ms = median_ms(lambda: session.run(None, feeds)) if session is not None else None
     return {"batch": batch, "seq": length, "runs": LATENCY_RUNS, "statistic": "median",
             "pytorch_ms": torch_ms, "pytorch_device": str(device),
             "onnxruntime_ms": ort_ms, "onnxruntime_provider": session.get_providers()[0] if session else None,
