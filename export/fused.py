@@ -15,7 +15,9 @@ This file is the one contract all three share, as plain functions tested without
     (B, Lq) bool; o like q. Attributes: num_modalities (int), balance (str, comma-separated ids),
     target (str: "" = uniform, else comma-separated floats), target_shape (str: "" or comma-separated
     dims of a per-head target), strength, threshold, scale (float), modality_bias (str: "" or M
-    floats), causal (int 0/1). Lists travel as strings because onnxruntime-extensions' Python custom
+    floats), causal (int 0/1), window (int, 0 = none), softcap (float, 0 = none), balance_by (str:
+    "mass" or "contribution"; DESIGN 2.2b). A graph written before the last three existed reads as
+    their defaults. Lists travel as strings because onnxruntime-extensions' Python custom
     ops take only int, float and string attributes.
 ``mosear.MoSELoRA`` (x, modality, expert, gate, A, B, scale, out) -> y
     x (N, d_in); modality (N,) int64; expert (N, k) int64; gate (N, k) float32; A (M, r, d_in);
@@ -38,7 +40,10 @@ AR_INPUTS = ("q", "k", "v", "key_modality", "query_mask")
 MOSE_INPUTS = ("x", "modality", "expert", "gate", "A", "B", "scale", "out")
 # attribute name -> Python type, as the ONNX node carries them (both runtimes read these)
 AR_ATTRS = {"num_modalities": int, "balance": str, "target": str, "target_shape": str, "strength": float,
-            "threshold": float, "modality_bias": str, "causal": int, "scale": float}
+            "threshold": float, "modality_bias": str, "causal": int, "scale": float, "window": int,
+            "softcap": float, "balance_by": str}
+# attributes added after the first fused graphs: absent reads as these (the op's defaults)
+AR_ATTR_DEFAULTS = {"window": 0, "softcap": 0.0, "balance_by": "mass"}
 PLUGIN_ATTRS = {"plugin_namespace": DOMAIN, "plugin_version": PLUGIN_VERSION}
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -52,7 +57,7 @@ def _parse(text: str, cast) -> tuple:
 
 
 def encode_ar_attrs(*, num_modalities, balance, target, strength, threshold, modality_bias, causal,
-                    scale) -> dict:
+                    scale, window=None, softcap=None, balance_by="mass") -> dict:
     """The node attributes of one AR call (validated arguments, ``scale`` resolved to a float)."""
     if isinstance(target, torch.Tensor):
         target_values, target_shape = target.detach().float().reshape(-1).tolist(), ",".join(map(str, target.shape))
@@ -61,11 +66,13 @@ def encode_ar_attrs(*, num_modalities, balance, target, strength, threshold, mod
     return {"num_modalities": int(num_modalities), "balance": ",".join(str(int(m)) for m in balance),
             "target": _floats(target_values), "target_shape": target_shape, "strength": float(strength),
             "threshold": float(threshold), "modality_bias": "" if modality_bias is None else _floats(modality_bias),
-            "causal": int(bool(causal)), "scale": float(scale)}
+            "causal": int(bool(causal)), "scale": float(scale), "window": int(window or 0),
+            "softcap": float(softcap or 0.0), "balance_by": str(balance_by)}
 
 
 def decode_ar_attrs(attrs: dict) -> dict:
     """``ar_attention`` keyword arguments from node attributes (the inverse of ``encode_ar_attrs``)."""
+    attrs = {**AR_ATTR_DEFAULTS, **attrs}
     missing = sorted(set(AR_ATTRS) - set(attrs))
     if missing:
         raise ValueError(f"{DOMAIN}.{AR_OP}: attributes {missing} are missing")
@@ -76,7 +83,8 @@ def decode_ar_attrs(attrs: dict) -> dict:
     return {"num_modalities": int(attrs["num_modalities"]), "balance": _parse(attrs["balance"], int),
             "target": target, "strength": float(attrs["strength"]), "threshold": float(attrs["threshold"]),
             "modality_bias": _parse(attrs["modality_bias"], float) or None, "causal": bool(int(attrs["causal"])),
-            "scale": float(attrs["scale"])}
+            "scale": float(attrs["scale"]), "window": int(attrs["window"]) or None,
+            "softcap": float(attrs["softcap"]) or None, "balance_by": str(attrs["balance_by"])}
 
 
 def _check_rank(op, names, shapes, ranks):
@@ -120,18 +128,17 @@ def mose_output_spec(shapes, dtypes):
 
 
 def ar_attention_fused(q, k, v, key_modality, *, num_modalities, balance, target, strength, threshold,
-                       modality_bias, causal, scale, query_mask, return_masses, **extra):
+                       modality_bias, causal, scale, query_mask, return_masses, window=None, softcap=None,
+                       balance_by="mass", **_):
     """AR as one ``mosear.ARAttention`` node (same arguments as the static form)."""
-    unsupported = {name: value for name, value in extra.items() if value not in (None, "mass")}
-    if unsupported:
-        raise ValueError(f"--ops fused: {DOMAIN}.{AR_OP} does not carry {sorted(unsupported)} yet; use --ops static")
     if return_masses:
         raise ValueError(f"--ops fused: {DOMAIN}.{AR_OP} returns the output only, not the masses")
     mask = query_mask if query_mask is not None else torch.ones(q.shape[0], q.shape[2], dtype=torch.bool,
                                                                   device=q.device)
     attrs = encode_ar_attrs(num_modalities=num_modalities, balance=balance, target=target, strength=strength,
                             threshold=threshold, modality_bias=modality_bias, causal=causal,
-                            scale=scale if scale is not None else q.shape[-1] ** -0.5)
+                            scale=scale if scale is not None else q.shape[-1] ** -0.5, window=window,
+                            softcap=softcap, balance_by=balance_by)
     return torch.onnx.ops.symbolic(f"{DOMAIN}::{AR_OP}", (q, k, v, key_modality.long(), mask.bool()),
                                    {**attrs, **PLUGIN_ATTRS}, dtype=q.dtype, shape=q.shape, version=OP_VERSION)
 

@@ -74,7 +74,7 @@ def _define(trtp) -> None:
     def ar_desc(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, key_modality: trtp.TensorDesc,
                 query_mask: trtp.TensorDesc, num_modalities: int, balance: str, target: str, target_shape: str,
                 strength: float, threshold: float, modality_bias: str, causal: int,
-                scale: float) -> tuple[trtp.TensorDesc]:
+                scale: float, window: int, softcap: float, balance_by: str) -> tuple[trtp.TensorDesc]:
         _check(fused.ar_output_spec, (q, k, v, key_modality, query_mask))
         return q.like()
 
@@ -82,12 +82,13 @@ def _define(trtp) -> None:
     def ar_impl(q: trtp.Tensor, k: trtp.Tensor, v: trtp.Tensor, key_modality: trtp.Tensor,
                 query_mask: trtp.Tensor, num_modalities: int, balance: str, target: str, target_shape: str,
                 strength: float, threshold: float, modality_bias: str, causal: int, scale: float,
-                outputs: tuple[trtp.Tensor], stream: int) -> None:
+                window: int, softcap: float, balance_by: str, outputs: tuple[trtp.Tensor], stream: int) -> None:
         from mosear_fast import ar_attention
 
         attrs = fused.decode_ar_attrs(dict(
             num_modalities=num_modalities, balance=balance, target=target, target_shape=target_shape,
-            strength=strength, threshold=threshold, modality_bias=modality_bias, causal=causal, scale=scale))
+            strength=strength, threshold=threshold, modality_bias=modality_bias, causal=causal, scale=scale,
+            window=window, softcap=softcap, balance_by=balance_by))
         t = [torch.as_tensor(x, device="cuda") for x in (q, k, v, key_modality, query_mask)]
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
             o = ar_attention(t[0], t[1], t[2], t[3].long(), query_mask=t[4].bool(), backend="triton",

@@ -134,7 +134,19 @@ def test_generate_command(decoder, capsys, tmp_path):
 
 
 def test_fused_ops_graph(qwen2_folders, tmp_path):
-    base_dir, adapter_dir = qwen2_folders
+    """The fused graph on a Qwen2 whose second layer has a sliding window (5 keys, shorter than the
+    validated prompts) with AR balancing by contribution: the options travel as node attributes."""
+    import shutil
+
+    from tests.models import tiny_qwen2
+
+    _, trained_adapter = qwen2_folders
+    base_dir, adapter_dir = tmp_path / "qwen2-window", tmp_path / "adapter"
+    tiny_qwen2(seed=3, use_sliding_window=True, sliding_window=5, max_window_layers=1).save_pretrained(base_dir)
+    shutil.copytree(trained_adapter, adapter_dir)
+    (adapter_dir / "ar_config.json").write_text(json.dumps({"strength": 0.7, "balance": ["visual", "audio"],
+                                                            "balance_by": "contribution",
+                                                            "record_shares": False}))
     report = export(base_dir, tmp_path / "fused", adapter=adapter_dir, ops="fused", **RANGES)
     counts = report["op_counts"]
     assert counts["mosear::ARAttention"] == 2 and counts["mosear::MoSELoRA"] == 6  # one per layer / adapted linear
@@ -143,11 +155,13 @@ def test_fused_ops_graph(qwen2_folders, tmp_path):
     assert all(e["provider"] == "CPUExecutionProvider" for e in report["validation"]["shapes"])
     assert report["tensorrt_lint"]["buildable"], report["tensorrt_lint"]  # the plugins are declared
     model = onnx.load(str(tmp_path / "fused" / "model.onnx"), load_external_data=False)
-    node = next(n for n in model.graph.node if n.op_type == "ARAttention")
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    assert node.domain == "mosear" and attrs["plugin_namespace"] == b"mosear"
-    assert attrs["strength"] == pytest.approx(0.7)
-    assert attrs["balance"] == b"1,2"
+    nodes = [n for n in model.graph.node if n.op_type == "ARAttention"]
+    layers = [{a.name: onnx.helper.get_attribute_value(a) for a in node.attribute} for node in nodes]
+    assert all(node.domain == "mosear" for node in nodes) and layers[0]["plugin_namespace"] == b"mosear"
+    for attrs in layers:
+        assert attrs["strength"] == pytest.approx(0.7) and attrs["balance"] == b"1,2"
+        assert attrs["balance_by"] == b"contribution" and attrs["softcap"] == 0.0
+    assert sorted(attrs["window"] for attrs in layers) == [0, 5]  # full attention, then the sliding window
 
 
 def test_bf16_graph_is_not_validated_on_the_cpu(qwen2_folders, tmp_path, capsys, monkeypatch):

@@ -139,7 +139,16 @@ def test_ar_attribute_codec_round_trips():
     assert set(attrs) == set(fused.AR_ATTRS) and all(isinstance(attrs[k], t) for k, t in fused.AR_ATTRS.items())
     back = fused.decode_ar_attrs(attrs)
     assert back == {"num_modalities": 3, "balance": (1, 2), "target": (0.25, 0.75), "strength": 0.5,
-                    "threshold": 0.1, "modality_bias": (0.0, -1.5, 0.5), "causal": True, "scale": 0.125}
+                    "threshold": 0.1, "modality_bias": (0.0, -1.5, 0.5), "causal": True, "scale": 0.125,
+                    "window": None, "softcap": None, "balance_by": "mass"}
+    options = fused.encode_ar_attrs(num_modalities=3, balance=(1, 2), target=None, strength=0.5, threshold=0.0,
+                                    modality_bias=None, causal=True, scale=1.0, window=4, softcap=30.0,
+                                    balance_by="contribution")
+    assert {k: fused.decode_ar_attrs(options)[k] for k in fused.AR_ATTR_DEFAULTS} == {
+        "window": 4, "softcap": 30.0, "balance_by": "contribution"}
+    # a graph written before window/softcap/balance_by existed reads as the op's defaults
+    older = fused.decode_ar_attrs({k: v for k, v in options.items() if k not in fused.AR_ATTR_DEFAULTS})
+    assert (older["window"], older["softcap"], older["balance_by"]) == (None, None, "mass")
     plain = fused.decode_ar_attrs(fused.encode_ar_attrs(num_modalities=3, balance=(1, 2), target=None, strength=0.0,
                                                         threshold=0.0, modality_bias=None, causal=False, scale=1.0))
     assert plain["target"] is None and plain["modality_bias"] is None and plain["causal"] is False
@@ -189,6 +198,14 @@ def test_ort_custom_op_bodies_match_the_ops():
     expected = ar_attention(q, k, v, ids, num_modalities=3, strength=0.7, query_mask=mask, backend="torch")
     assert np.allclose(run_ar(q.numpy(), k.numpy(), v.numpy(), ids.numpy(), mask.numpy(), **attrs), expected.numpy(),
                        atol=1e-6)
+    options = {"window": 3, "softcap": 2.0, "balance_by": "contribution"}
+    attrs = fused.encode_ar_attrs(num_modalities=3, balance=(1, 2), target=None, strength=0.7, threshold=0.0,
+                                  modality_bias=None, causal=True, scale=8 ** -0.5, **options)
+    expected_options = ar_attention(q, k, v, ids, num_modalities=3, strength=0.7, query_mask=mask, backend="torch",
+                                    **options)
+    assert not torch.allclose(expected_options, expected)  # the options change the result: they must travel
+    assert np.allclose(run_ar(q.numpy(), k.numpy(), v.numpy(), ids.numpy(), mask.numpy(), **attrs),
+                       expected_options.numpy(), atol=1e-6)
     x, out = torch.randn(6, 16, generator=g), torch.randn(6, 12, generator=g)
     modality, expert = torch.tensor([0, 1, 2, -1, 1, 0]), torch.randint(0, 2, (6, 1), generator=g)
     gate, A, B = torch.rand(6, 1, generator=g), torch.randn(3, 4, 16, generator=g), torch.randn(3, 2, 12, 4,
