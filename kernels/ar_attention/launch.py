@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..alloc import empty_output
+from ..alloc import empty_output, poison_enabled
 from ..interpreter_compat import install as _install_interpreter_fix
+from ..launching import positional_constexprs
 from ..target import plan_facts
 from .torch_backend import is_per_head
 from .triton_kernels import (
@@ -226,16 +227,24 @@ class _Launch:
     mode: str
     grid: tuple
     tables: dict
-    main_kw: dict  # the decode or prefill kernel's constexprs and launch options
+    main_const: tuple  # the decode or prefill kernel's constexprs, positional (``launching``)
+    main_opts: dict  # and its launch options
     main_ints: tuple  # its integer arguments after the strides
     tau_head_stride: int
     part_split: tuple | None  # (rows, rows, rows * BLOCK_D) of the split-k partial states; None: no merge
     class_split: tuple = ()  # prefill: key classes, block lists, prefix counts (int32)
-    classify_kw: dict | None = None
+    classify_const: tuple = ()
+    classify_opts: dict | None = None
     park_size: int = 0  # prefill without split: fp32 parked states per program
     merge_grid: tuple = ()
-    merge_kw: dict | None = None
+    merge_const: tuple = ()
+    merge_opts: dict | None = None
     merge_ints: tuple = ()
+
+
+def _split(name: str, kernel, kwargs: dict) -> dict:
+    const, opts = positional_constexprs(kernel, kwargs)
+    return {f"{name}_const": const, f"{name}_opts": opts}
 
 
 @functools.lru_cache(maxsize=1024)
@@ -271,15 +280,17 @@ def _launch(batch, n_q_heads, n_kv_heads, len_q, len_k, head_dim, dtype, device,
             merge_grid=(_cdiv(len_q, block_q), bh), merge_ints=(len_q, n_q_heads, splits),
             # Without an explicit ceiling ptxas caps this kernel lower (~64 registers) and spills a few
             # values; the hardware's 255 lets it keep them (checked in the kernel report, Triton 3.6 and 3.9).
-            merge_kw=dict(BLOCK_Q=block_q, SPLIT_BLOCK=split_block, BLOCK_D=block_d, num_warps=4, maxnreg=255,
-                          **balancing, **classes))
+            **_split("merge", ar_split_merge_kernel, dict(
+                BLOCK_Q=block_q, SPLIT_BLOCK=split_block, BLOCK_D=block_d, num_warps=4, maxnreg=255,
+                **balancing, **classes)))
     else:
         merge = {}
     if plan["mode"] == "decode":
         return _Launch(
             "decode", plan["grid"], tables,
-            main_kw=dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=plan["num_warps"],
-                         num_stages=plan["num_stages"], **scores, **numerics, **classes),
+            **_split("main", ar_decode_kernel, dict(
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=plan["num_warps"],
+                num_stages=plan["num_stages"], **scores, **numerics, **classes)),
             main_ints=(len_q, len_k, n_q_heads, n_kv_heads, group, plan["key_start"], plan["keys_per_split"], splits),
             tau_head_stride=tau_head_stride, part_split=part_split, **merge)
     n_kblocks, n_prog = plan["n_kblocks"], plan["grid"][0]
@@ -290,14 +301,14 @@ def _launch(batch, n_q_heads, n_kv_heads, len_q, len_k, head_dim, dtype, device,
     park_size = 0 if splits > 1 else n_prog * ((n_cls - 1) * block_d + 3 * n_cls) * block_m
     return _Launch(
         "prefill", plan["grid"], tables,
-        main_kw=dict(SPLIT=splits > 1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-                     num_warps=plan["num_warps"], num_stages=plan["num_stages"], **scores, **balancing,
-                     **numerics, **classes),
+        **_split("main", ar_prefill_kernel, dict(
+            SPLIT=splits > 1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=plan["num_warps"],
+            num_stages=plan["num_stages"], **scores, **balancing, **numerics, **classes)),
         main_ints=(len_q, len_k, n_q_heads, group, n_kblocks, plan["n_qblocks"], bh, plan["n_tiles"],
                    plan["blocks_per_split"], splits),
         tau_head_stride=tau_head_stride, part_split=part_split, class_split=class_split,
-        classify_kw=dict(NUM_MOD=num_modalities, NUM_CLS=n_cls, NSP=nsp, BLOCK_N=block_n, CHUNK=_CLASSIFY_CHUNK,
-                         num_warps=4),
+        **_split("classify", ar_classify_kernel, dict(
+            NUM_MOD=num_modalities, NUM_CLS=n_cls, NSP=nsp, BLOCK_N=block_n, CHUNK=_CLASSIFY_CHUNK, num_warps=4)),
         park_size=park_size, **merge)
 
 
@@ -308,9 +319,10 @@ def ar_attention_fwd(q, k, v, key_modality, *, num_modalities, balance, target, 
     batch, n_q_heads, len_q, head_dim = q.shape
     n_kv_heads, len_k = k.shape[1], k.shape[2]
     device = q.device
-    o = empty_output((batch, n_q_heads, len_q, head_dim), dtype=q.dtype, device=device)
-    masses = empty_output((batch, n_q_heads, len_q, num_modalities), dtype=torch.float32, device=device) \
-        if return_masses else None
+    poison = poison_enabled()
+    o = empty_output((batch, n_q_heads, len_q, head_dim), dtype=q.dtype, device=device, poison=poison)
+    masses = empty_output((batch, n_q_heads, len_q, num_modalities), dtype=torch.float32, device=device,
+                          poison=poison) if return_masses else None
     if batch * n_q_heads * len_q * head_dim == 0:
         return o, masses
     if len_k == 0:  # no query sees a key
@@ -347,8 +359,8 @@ def ar_attention_fwd(q, k, v, key_modality, *, num_modalities, balance, target, 
     else:
         qmask, qmask_strides = tables["class_of_mod_t"], (0, 0)  # a dummy pointer, never read
     if launch.part_split is not None:  # split-k partial states: max, sum, accumulator, in one allocation
-        part_m, part_l, part_acc = empty_output((sum(launch.part_split),), dtype=torch.float32,
-                                                device=device).split_with_sizes(launch.part_split)
+        part_m, part_l, part_acc = empty_output((sum(launch.part_split),), dtype=torch.float32, device=device,
+                                                poison=poison).split_with_sizes(launch.part_split)
     else:
         part_m = part_l = part_acc = o  # unused
 
@@ -356,23 +368,25 @@ def ar_attention_fwd(q, k, v, key_modality, *, num_modalities, balance, target, 
         ar_decode_kernel.run(
             q, k, v, key_modality, tables["class_of_mod_t"], part_m, part_l, part_acc,
             *q.stride(), *k.stride(), *v.stride(), *key_modality.stride(), *launch.main_ints, *score_args,
-            grid=launch.grid, warmup=False, **launch.main_kw)
+            *launch.main_const, grid=launch.grid, warmup=False, **launch.main_opts)
     else:
         key_cls, lists, pref = torch.empty(sum(launch.class_split), dtype=torch.int32,
                                            device=device).split_with_sizes(launch.class_split)
         n_kblocks = launch.main_ints[4]
         ar_classify_kernel.run(key_modality, tables["class_of_mod_t"], key_cls, lists, pref, *key_modality.stride(),
-                               len_k, n_kblocks, grid=(batch,), warmup=False, **launch.classify_kw)
+                               len_k, n_kblocks, *launch.classify_const, grid=(batch,), warmup=False,
+                               **launch.classify_opts)
         park = torch.empty(launch.park_size, dtype=torch.float32, device=device) if launch.park_size else o
         ar_prefill_kernel.run(
             q, k, v, qmask, key_cls, lists, pref, tables["class_bias_t"], tables["tau_t"], tables["class_mod_t"],
             o, masses_arg, park, part_m, part_l, part_acc,
             *q.stride(), *k.stride(), *v.stride(), *qmask_strides, *o.stride(), *mass_strides,
             launch.tau_head_stride, *launch.main_ints, *score_args, float(strength), float(threshold),
-            grid=launch.grid, warmup=False, **launch.main_kw)
+            *launch.main_const, grid=launch.grid, warmup=False, **launch.main_opts)
     if launch.part_split is not None:
         ar_split_merge_kernel.run(
             part_m, part_l, part_acc, qmask, tables["class_bias_t"], tables["tau_t"], tables["class_mod_t"],
             o, masses_arg, *qmask_strides, *o.stride(), *mass_strides, launch.tau_head_stride, *launch.merge_ints,
-            c_log2, float(strength), float(threshold), grid=launch.merge_grid, warmup=False, **launch.merge_kw)
+            c_log2, float(strength), float(threshold), *launch.merge_const, grid=launch.merge_grid, warmup=False,
+            **launch.merge_opts)
     return o, masses

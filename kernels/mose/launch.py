@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..alloc import empty_output
+from ..launching import positional_constexprs
 from ..target import interpreted, multiprocessor_count, plan_facts
 from .triton_kernels import (
     mose_dy_kernel,
@@ -101,15 +102,17 @@ def launch(kernel, grid, *args, num_warps: int = NUM_WARPS, **kwargs) -> None:
 @dataclass(frozen=True)
 class _Kernel:
     """One planned launch: its grid (None when a dimension is 0: an empty grid is not a valid launch),
-    the integer arguments that depend on the plan, and the constexprs with the launch options."""
+    the integer arguments that depend on the plan, the constexprs (positional, see ``launching``)
+    and the launch options."""
 
     grid: tuple | None
     ints: tuple
-    kw: dict
+    const: tuple
+    opts: dict
 
 
-def _planned(grid: tuple, ints: tuple, **kw) -> _Kernel:
-    return _Kernel(grid if all(g > 0 for g in grid) else None, ints, kw)
+def _planned(kernel, grid: tuple, ints: tuple, **kw) -> _Kernel:
+    return _Kernel(grid if all(g > 0 for g in grid) else None, ints, *positional_constexprs(kernel, kw))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -215,9 +218,9 @@ def _route_plan(n_tokens: int, top_k: int, n_modalities: int, n_experts: int, so
     n_token_chunks = _cdiv(n_tokens, chunk)
     n_pair_chunks = _cdiv(n_tokens * top_k, chunk) if sort_pairs else 0
     sizes = (n_tokens, n_token_keys + 2) + ((n_tokens * top_k, n_pair_keys + 2) if sort_pairs else ())
-    return sizes, _planned((max(1, n_token_chunks) + n_pair_chunks,), (chunk, n_token_chunks), TOP_K=top_k,
-                           SORT_PAIRS=sort_pairs, SUB=sub, BINS=bins, BLOCK_H=32 * ROUTE_WARPS * 4,
-                           num_warps=ROUTE_WARPS)
+    grid = (max(1, n_token_chunks) + n_pair_chunks,)
+    return sizes, _planned(mose_route_kernel, grid, (chunk, n_token_chunks), TOP_K=top_k, SORT_PAIRS=sort_pairs,
+                           SUB=sub, BINS=bins, BLOCK_H=32 * ROUTE_WARPS * 4, num_warps=ROUTE_WARPS)
 
 
 def route(modality, expert, n_modalities: int, n_experts: int, *, sort_pairs: bool) -> MoseRouting:
@@ -236,7 +239,7 @@ def route(modality, expert, n_modalities: int, n_experts: int, *, sort_pairs: bo
     if kernel.grid is not None:
         mose_route_kernel.run(modality, expert, order, offsets, pair_order, pair_offsets,
                               n_tokens, n_modalities, n_experts, *id_strides, *kernel.ints,
-                              grid=kernel.grid, warmup=False, **kernel.kw)
+                              *kernel.const, grid=kernel.grid, warmup=False, **kernel.opts)
     if not sort_pairs and top_k == 2:  # pairs are only sorted for the deterministic dB reduction
         pair_order = pair_offsets = None
     return MoseRouting(order, offsets, pair_order, pair_offsets, modality, expert, n_modalities, n_experts,
@@ -254,7 +257,7 @@ def _shrink_plan(n_tokens: int, d_in: int, rank: int, dtype: torch.dtype, facts)
     block_k = feature_block(d_in, 128 if block_r <= 32 else 64)
     n_blocks = _cdiv(n_tokens, block_t)
     n_splits, per_split = _feature_splits(n_blocks, _cdiv(d_in, block_k), _facts_sms(facts))
-    return _planned((n_blocks, n_splits), (per_split * block_k,), BLOCK_T=block_t, BLOCK_K=block_k,
+    return _planned(mose_shrink_kernel, (n_blocks, n_splits), (per_split * block_k,), BLOCK_T=block_t, BLOCK_K=block_k,
                     BLOCK_R=block_r, NUMERICS=_numerics(dtype, facts[0]), num_warps=row_warps(block_r))
 
 
@@ -268,8 +271,8 @@ def shrink(x, routing: MoseRouting, A):
     if kernel.grid is not None:
         mose_shrink_kernel.run(
             x, A, hp, routing.order, routing.modality, n_tokens, d_in, rank, routing.n_modalities, *kernel.ints,
-            routing.id_strides[0], *x.stride(), *A.stride(), *hp.stride()[:2],
-            grid=kernel.grid, warmup=False, **kernel.kw)
+            routing.id_strides[0], *x.stride(), *A.stride(), *hp.stride()[:2], *kernel.const,
+            grid=kernel.grid, warmup=False, **kernel.opts)
     return hp
 
 
@@ -280,7 +283,7 @@ def _expand_plan(n_tokens: int, d_out: int, rank: int, top_k: int, dtype: torch.
     block_n = feature_block(d_out)
     n_blocks = _cdiv(n_tokens, block_t)
     n_splits, per_split = _feature_splits(n_blocks, _cdiv(d_out, block_n), _facts_sms(facts))
-    return _planned((n_blocks, n_splits), (per_split * block_n,), TOP_K=top_k, HAS_BASE=has_base,
+    return _planned(mose_expand_kernel, (n_blocks, n_splits), (per_split * block_n,), TOP_K=top_k, HAS_BASE=has_base,
                     ONLY_ADAPTED_ROWS=only_adapted_rows, WRITE_H=save_h, WRITE_NORM=update_norm, BLOCK_T=block_t,
                     BLOCK_N=block_n, BLOCK_R=block_r, NUMERICS=_numerics(dtype, facts[0]),
                     num_warps=row_warps(block_r))
@@ -314,7 +317,7 @@ def expand(hp, routing: MoseRouting, gate, B, scale_vec, base, y, *, only_adapte
             routing.expert, gate, scale_vec,
             n_tokens, d_out, rank, routing.n_modalities, routing.n_experts, n_hp_splits, *kernel.ints,
             *routing.id_strides, *gate.stride(), *hp.stride()[:2], *B.stride(), *base_strides, *y.stride(),
-            h.stride(0), norm_sq.stride(0), grid=kernel.grid, warmup=False, **kernel.kw)
+            h.stride(0), norm_sq.stride(0), *kernel.const, grid=kernel.grid, warmup=False, **kernel.opts)
     norm = norm_sq.sum(0).sqrt_() if update_norm else None  # the splits in a fixed order (deterministic)
     return y, (h if save_h else None), norm
 
