@@ -17,7 +17,8 @@ Steps (Qwen2.5-7B's decode shapes, bf16, the public ops with ``validate=False`` 
                   and AR over that layer's own KV cache (the host cost of a model's step)
 
 Without CUDA it exits with status 2, unless ``--dry-run``: the steps are built at tiny sizes and run
-once eagerly (under ``TRITON_INTERPRET=1``), to check the script itself on a machine without a GPU.
+once eagerly (on the CPU under ``TRITON_INTERPRET=1``, or on CUDA when present), to check the script
+itself on a machine without a GPU.
 
 Examples:
     python -m bench.cuda_graph_decode --out graph.json
@@ -210,7 +211,7 @@ def run(args) -> dict:
         if os.environ.get("TRITON_INTERPRET", "0") != "1" and not torch.cuda.is_available():
             raise UsageError("--dry-run: without CUDA the kernels run in the Triton interpreter; set "
                              "TRITON_INTERPRET=1 before the start")
-        device = torch.device("cpu")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     elif not torch.cuda.is_available():
         raise UsageError("CUDA graphs need a CUDA device, and none is available (use --dry-run to check the "
                          "script on a machine without one)")

@@ -6,8 +6,8 @@ going on past a failed step:
 1. install the package without network (``pip install --no-index --no-deps --no-build-isolation -e .``);
 2. ``python -m bench.kernel_check``: the compiled Triton kernels against the float64 references;
 3. the kernel tests (``pytest tests/test_mose_lora.py tests/test_ar_attention.py
-   tests/test_mose_triton.py tests/test_ar_triton.py -k triton``; in parallel with pytest-xdist when
-   installed);
+   tests/test_mose_triton.py tests/test_ar_triton.py tests/test_capture_rules.py -k triton``: with the
+   CUDA-graph capture tests; in parallel with pytest-xdist when installed);
 4. the CUDA-graph decode steps (``python -m bench.cuda_graph_decode``): a decode call of each op and a
    stack of decoder layers, eager against captured and replayed;
 5. the end-to-end benchmarks (``python -m bench.e2e --preset gpu``), one step per model;
@@ -43,7 +43,7 @@ RESERVE_S = 20.0  # kept back for merging, plotting and the summary
 MIN_STEP_S = 15.0  # a step that would get less than this is skipped
 MAX_FILES = 8
 KERNEL_TESTS = ["tests/test_mose_lora.py", "tests/test_ar_attention.py", "tests/test_mose_triton.py",
-                "tests/test_ar_triton.py"]
+                "tests/test_ar_triton.py", "tests/test_capture_rules.py"]
 # Op benchmarks in the order they run (most important first): (op, preset, mode, providers or None
 # for all). The FlexAttention baselines compile once per shape, so they run on one preset only.
 AR_FAST = "sdpa,mosear_triton,eager_ar"

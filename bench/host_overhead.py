@@ -12,7 +12,8 @@ specialisation of every argument, the cache key), to show Triton's share of a re
 
 Launches are planned as on an H100 (``kernels.target.pretend``), with CPU tensors at the full shapes,
 so the plan (block sizes, splits, grids) is the GPU's. Columns, median microseconds per call over
-``--calls`` calls after ``--warmup``:
+``--calls`` calls after ``--warmup`` (timed in samples of 20 calls, the columns taking turns sample by
+sample so that the load of a shared machine falls on all alike; ``--clock cpu`` counts CPU time only):
 
     launcher      the Triton backend's entry (``ar_attention_triton`` / ``mose_lora_triton``), stubbed
     +bind         the same, with Triton's binder run per launch (``--bind``)
@@ -88,19 +89,27 @@ def _binder_for(kernel):
     return _binder(kernel, SM90)
 
 
+class StubMode:
+    """What a stubbed launch does besides evaluating its grid: ``bind`` also runs Triton's binder."""
+
+    def __init__(self, bind: bool = False):
+        self.bind = bind
+
+
 @contextlib.contextmanager
-def stub_launches(*, bind: bool = False, counter: list | None = None):
+def stub_launches(*, bind: bool | StubMode = False, counter: list | None = None):
     """Within the block every Triton launch evaluates its grid (and with ``bind`` runs Triton's binder
-    on its arguments) and returns without running the kernel. ``counter`` (a one-element list)
-    counts the launches."""
-    if bind:
-        from bench.kernel_report.specialise import launch_options
+    on its arguments) and returns without running the kernel. ``bind`` may be a ``StubMode``, read at
+    each launch, so that one block can time both. ``counter`` (a one-element list) counts launches."""
+    from bench.kernel_report.specialise import launch_options
+
+    mode = bind if isinstance(bind, StubMode) else StubMode(bind)
 
     def stub(self, *args, grid, warmup, **kwargs):
         if callable(grid):
             names = list(self.arg_names)
             grid = grid(dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names})
-        if bind:
+        if mode.bind:
             binder = _binder_for(self)
             if binder is None:
                 raise UsageError("--bind: the kernels are interpreted ones (TRITON_INTERPRET=1 was set when they "
@@ -218,47 +227,73 @@ def build_cases(ops, shapes, *, scale: float = 1.0) -> list[Case]:
 # ------------------------------------------------------------------------------------------------
 
 
-def time_calls(fn: Callable[[], object], *, calls: int, warmup: int) -> dict:
-    """Median, 20th and 80th percentile microseconds of one call, each call timed on its own (the
-    garbage collector paused, so a collection does not land in one call's time)."""
-    for _ in range(warmup):
-        fn()
-    times = []
+CLOCKS = dict(wall=time.perf_counter_ns, cpu=time.thread_time_ns)
+BATCH = 20  # calls per timed sample
+
+
+def time_rounds(fns: dict[str, Callable[[], object]], *, calls: int, warmup: int, clock: str = "wall",
+                batch: int = BATCH) -> dict:
+    """Microseconds per call of each function: samples of ``batch`` calls in a row, the functions
+    taking turns sample by sample (so a load spike on a shared machine falls on all of them alike),
+    ``calls // batch`` samples each; the median, 20th and 80th percentile of the samples' per-call
+    times. The garbage collector is paused while timing. ``clock`` "cpu" counts this thread's CPU
+    time only (leaves out the time the thread waits for a core)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    tick = CLOCKS[clock]
+    batch = max(1, min(batch, calls))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
     enabled = gc.isenabled()
     gc.disable()
     try:
-        for _ in range(calls):
-            t0 = time.perf_counter_ns()
-            fn()
-            times.append((time.perf_counter_ns() - t0) / 1e3)
+        for _ in range(max(1, calls // batch)):
+            for name, fn in fns.items():
+                t0 = tick()
+                for _ in range(batch):
+                    fn()
+                samples[name].append((tick() - t0) / 1e3 / batch)
     finally:
         if enabled:
             gc.enable()
-    q = statistics.quantiles(times, n=5) if len(times) > 1 else times * 4
-    return dict(median_us=statistics.median(times), p20_us=q[0], p80_us=q[3], calls=len(times))
+    result = {}
+    for name, times in samples.items():
+        q = statistics.quantiles(times, n=5) if len(times) > 1 else times * 4
+        result[name] = dict(median_us=statistics.median(times), p20_us=q[0], p80_us=q[3],
+                            calls=len(times) * batch)
+    return result
 
 
-def measure_case(case: Case, *, calls: int, warmup: int, bind: bool, torch_calls: int, log=print) -> dict:
+def measure_case(case: Case, *, calls: int, warmup: int, bind: bool, torch_calls: int, clock: str = "wall",
+                 log=print) -> dict:
     from mosear_fast.kernels.target import pretend
 
     result = dict(op=case.op, shape=case.shape, description=case.description, columns={}, skipped={})
     counter = [0]
-    with pretend(), torch.no_grad():
-        with stub_launches(counter=counter):
+    mode = StubMode()
+
+    def bound():
+        mode.bind = True
+        try:
             case.launcher()
-            result["launches_per_call"] = counter[0]
-            result["columns"]["launcher"] = time_calls(case.launcher, calls=calls, warmup=warmup)
-        if bind:
+        finally:
+            mode.bind = False
+
+    fns = {"launcher": case.launcher, "+bind": bound, "op": lambda: case.public(False),
+           "op+values": lambda: case.public(True)}
+    with pretend(), torch.no_grad(), stub_launches(bind=mode, counter=counter), public_op_on_cpu():
+        case.launcher()
+        result["launches_per_call"] = counter[0]
+        if not bind:
+            result["skipped"]["+bind"] = "not asked for (--bind)"
+        else:
             try:
-                with stub_launches(bind=True):
-                    result["columns"]["+bind"] = time_calls(case.launcher, calls=calls, warmup=warmup)
+                bound()
             except UsageError as err:
                 result["skipped"]["+bind"] = str(err)
-        else:
-            result["skipped"]["+bind"] = "not asked for (--bind)"
-        with stub_launches(), public_op_on_cpu():
-            result["columns"]["op"] = time_calls(lambda: case.public(False), calls=calls, warmup=warmup)
-            result["columns"]["op+values"] = time_calls(lambda: case.public(True), calls=calls, warmup=warmup)
+        if "+bind" in result["skipped"]:
+            del fns["+bind"]
+        result["columns"].update(time_rounds(fns, calls=calls, warmup=warmup, clock=clock))
     if torch_calls <= 0:
         result["skipped"]["torch"] = "not asked for (--torch-calls 0)"
     elif case.torch_flop > TORCH_MAX_FLOP:
@@ -266,8 +301,8 @@ def measure_case(case: Case, *, calls: int, warmup: int, bind: bool, torch_calls
                                       f"(over {TORCH_MAX_FLOP / 1e9:.0f}): not host overhead")
     else:
         with torch.no_grad():
-            result["columns"]["torch"] = time_calls(case.torch_backend, calls=torch_calls,
-                                                    warmup=max(1, torch_calls // 10))
+            result["columns"]["torch"] = time_rounds({"torch": case.torch_backend}, calls=torch_calls,
+                                                     warmup=max(1, torch_calls // 10), clock=clock, batch=1)["torch"]
     log(format_row(result))
     return result
 
@@ -290,20 +325,20 @@ def format_row(row: dict) -> str:
         f"  {row['description']}"
 
 
-def run(ops=OPS, shapes=SHAPES, *, calls=2000, warmup=200, bind=False, torch_calls=50, scale=1.0,
+def run(ops=OPS, shapes=SHAPES, *, calls=2000, warmup=200, bind=False, torch_calls=50, scale=1.0, clock="wall",
         log=print) -> dict:
     """Measures every (op, shape); returns the JSON-ready result."""
     from .environment import describe
 
-    log("median microseconds per call (kernels stubbed; planned as on an H100); '-': see notes")
+    log(f"median microseconds per call ({clock} clock; kernels stubbed; planned as on an H100); '-': see notes")
     log(header())
-    rows = [measure_case(case, calls=calls, warmup=warmup, bind=bind, torch_calls=torch_calls, log=log)
+    rows = [measure_case(case, calls=calls, warmup=warmup, bind=bind, torch_calls=torch_calls, clock=clock, log=log)
             for case in build_cases(ops, shapes, scale=scale)]
     notes = sorted({f"{c}: {why}" for r in rows for c, why in r["skipped"].items()})
     for note in notes:
         log(f"  - {note}")
     return dict(kind="host-overhead", environment=describe(torch.device("cpu")), calls=calls, warmup=warmup,
-                columns=list(COLUMNS), results=rows)
+                clock=clock, columns=list(COLUMNS), results=rows)
 
 
 def parse_args(argv):
@@ -311,7 +346,11 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated, of {OPS} (default all)")
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {SHAPES} (default all)")
-    p.add_argument("--calls", type=int, default=2000, help="timed calls per measurement (default 2000)")
+    p.add_argument("--calls", type=int, default=2000,
+                   help=f"timed calls per column (default 2000), in samples of {BATCH} calls, the columns "
+                        "taking turns sample by sample")
+    p.add_argument("--clock", default="wall", choices=tuple(CLOCKS),
+                   help="wall (default) or cpu: this thread's CPU time, steadier on a shared machine")
     p.add_argument("--warmup", type=int, default=200, help="untimed calls first (default 200)")
     p.add_argument("--bind", action="store_true",
                    help="also time the launcher with Triton's sm_90a binder run per launch (needs kernels "
@@ -346,7 +385,7 @@ def main(argv=None) -> int:
         if args.json is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
             raise UsageError(f"--json: the folder of {args.json} does not exist")
         result = run(ops, shapes, calls=args.calls, warmup=args.warmup, bind=args.bind,
-                     torch_calls=args.torch_calls, scale=args.scale)
+                     torch_calls=args.torch_calls, scale=args.scale, clock=args.clock)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

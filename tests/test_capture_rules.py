@@ -244,7 +244,7 @@ def _cuda_step(ar_inputs, mose):
 
 
 @needs_cuda
-def test_cuda_graph_captures_and_replays_a_decode_step():
+def test_triton_cuda_graph_captures_and_replays_a_decode_step():
     ar_inputs, mose = _cuda_decode_inputs()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -266,7 +266,7 @@ def test_cuda_graph_captures_and_replays_a_decode_step():
 
 
 @needs_cuda
-def test_cuda_first_call_inside_capture_raises_with_the_warm_up():
+def test_triton_cuda_first_call_inside_capture_raises_with_the_warm_up():
     ar_inputs, _ = _cuda_decode_inputs()
     ar_launch._TABLES.clear()
     ar_launch._launch.cache_clear()
