@@ -3,9 +3,15 @@
 Inputs are validated by ``mosear_fast`` before they get here. On CPU tensors the kernels run only
 under the Triton interpreter (``TRITON_INTERPRET=1``); nothing here sets it.
 
-Host path: plain integer arithmetic (no ``triton.cdiv`` / ``next_power_of_2``, which cost ~4 us per
-Python call in Triton 3.9), the small per-configuration tables built once and cached, and no host
-read of device data, so a call launched inside CUDA-graph capture after a first call is capturable.
+Host path (``python -m bench.host_overhead`` times it): everything that depends only on shapes, dtype,
+device and configuration (the plan, the constexprs, the integer arguments, scratch sizes) is computed
+once per key with plain integer arithmetic (no ``triton.cdiv`` / ``next_power_of_2``, which cost ~4 us
+per Python call in Triton 3.9) and cached (``_launch``); a call then allocates its output and one
+split-k buffer and launches with its tensors, strides and float scalars. Nothing reads device data
+on the host and every size depends on shapes only, so a call can be captured in a CUDA graph. The
+small per-configuration device tables (``class_tables``) are the one thing built on a first call: a
+first call inside capture raises a RuntimeError naming the warm-up (``prepare_tables`` builds them
+ahead).
 """
 
 from __future__ import annotations

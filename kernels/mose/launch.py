@@ -3,7 +3,9 @@
 Nothing here reads a device value on the host: the routing is sorted on the device by one kernel,
 grids and splits depend on shapes only, and kernels exit early (or loop zero times) on what a block
 does not hold, so a forward or backward call can be captured in a CUDA graph. Host arithmetic is
-plain integer arithmetic (``-(-a // b)``; ``triton.cdiv`` costs microseconds from Python).
+plain integer arithmetic (``-(-a // b)``; ``triton.cdiv`` costs microseconds from Python), and the
+forward's plans (grids, splits, constexprs) are cached per shape (``_route_plan``, ``_shrink_plan``,
+``_expand_plan``), so a forward call allocates and launches only (``python -m bench.host_overhead``).
 
 Passes of one training step (see triton_kernels.py for each kernel):
 
