@@ -6,8 +6,8 @@ host time on the CPU: every Triton launch (``JITFunction.run``, the class-level 
 ``kernel[grid](...)`` calls; ``InterpretedFunction.run`` under ``TRITON_INTERPRET=1``) is replaced by
 a stub that evaluates the grid and returns, so everything the launcher does itself still runs (launch
 planning, the integer arithmetic of grids and splits, allocation of outputs and split-k buffers, the
-routing's buffer, argument lists) and only the kernel is skipped. With ``--bind`` the stub also runs
-Triton's own argument binder for sm_90a (what ``JITFunction.run`` does before the driver launch:
+routing's buffer, argument lists) and only the kernel is skipped. With ``--bind`` (the default) the
+stub also runs Triton's own argument binder for sm_90a (what ``JITFunction.run`` does before the driver launch:
 specialisation of every argument, the cache key), to show Triton's share of a real launch.
 
 Launches are planned as on an H100 (``kernels.target.pretend``), with CPU tensors at the full shapes,
@@ -16,7 +16,7 @@ so the plan (block sizes, splits, grids) is the GPU's. Columns, median microseco
 sample so that the load of a shared machine falls on all alike; ``--clock cpu`` counts CPU time only):
 
     launcher      the Triton backend's entry (``ar_attention_triton`` / ``mose_lora_triton``), stubbed
-    +bind         the same, with Triton's binder run per launch (``--bind``)
+    +bind         the same, with Triton's binder run per launch (``--no-bind``: left out)
     op            the public op (``mosear_fast.ar_attention`` / ``mose_lora``) with ``validate=False``:
                   argument checks, backend dispatch, launcher; the value checks are skipped as on CUDA
     op+values     the public op with ``validate=True``: also the value range checks of the ids, here on
@@ -26,7 +26,7 @@ sample so that the load of a shared machine falls on all alike; ``--clock cpu`` 
 
 Examples:
     python -m bench.host_overhead
-    python -m bench.host_overhead --ops ar --shapes decode --calls 5000 --bind --json out.json
+    python -m bench.host_overhead --ops ar --shapes decode --calls 5000 --clock cpu --json out.json
 """
 
 from __future__ import annotations
@@ -285,7 +285,7 @@ def measure_case(case: Case, *, calls: int, warmup: int, bind: bool, torch_calls
         case.launcher()
         result["launches_per_call"] = counter[0]
         if not bind:
-            result["skipped"]["+bind"] = "not asked for (--bind)"
+            result["skipped"]["+bind"] = "left out (--no-bind)"
         else:
             try:
                 bound()
@@ -325,7 +325,7 @@ def format_row(row: dict) -> str:
         f"  {row['description']}"
 
 
-def run(ops=OPS, shapes=SHAPES, *, calls=2000, warmup=200, bind=False, torch_calls=50, scale=1.0, clock="wall",
+def run(ops=OPS, shapes=SHAPES, *, calls=2000, warmup=200, bind=True, torch_calls=50, scale=1.0, clock="wall",
         log=print) -> dict:
     """Measures every (op, shape); returns the JSON-ready result."""
     from .environment import describe
@@ -352,9 +352,9 @@ def parse_args(argv):
     p.add_argument("--clock", default="wall", choices=tuple(CLOCKS),
                    help="wall (default) or cpu: this thread's CPU time, steadier on a shared machine")
     p.add_argument("--warmup", type=int, default=200, help="untimed calls first (default 200)")
-    p.add_argument("--bind", action="store_true",
-                   help="also time the launcher with Triton's sm_90a binder run per launch (needs kernels "
-                        "imported without TRITON_INTERPRET)")
+    p.add_argument("--bind", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the launcher with Triton's sm_90a binder run per launch (default on; needs "
+                        "kernels imported without TRITON_INTERPRET, else the column is left out with the reason)")
     p.add_argument("--torch-calls", type=int, default=50,
                    help="timed calls of the PyTorch backend, which computes for real (default 50; 0: leave out)")
     p.add_argument("--scale", type=float, default=1.0,

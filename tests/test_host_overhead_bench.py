@@ -53,7 +53,7 @@ def test_stubs_skip_the_kernels_and_keep_the_launcher_work(device):
 def test_host_overhead_tiny_run_writes_json(tmp_path, capsys):
     path = tmp_path / "host.json"
     interpreted_kernels = not isinstance(mose_route_kernel, JITFunction)
-    rc = host_overhead.main(["--calls", "5", "--warmup", "1", "--torch-calls", "2", "--scale", "0.01", "--bind",
+    rc = host_overhead.main(["--calls", "5", "--warmup", "1", "--torch-calls", "2", "--scale", "0.01",
                              "--json", str(path)])
     assert rc == 0
     result = json.loads(path.read_text())
