@@ -13,6 +13,7 @@ import contextlib
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import mosear_fast
 from bench.host_overhead import stub_launches
@@ -30,31 +31,41 @@ class HostRead(AssertionError):
     pass
 
 
+# aten ops whose result needs the values on the host (a device sync on CUDA): scalar reads (item,
+# bool, int, float, index all reach _local_scalar_dense) and ops whose output size depends on values.
+HOST_READ_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "_unique", "_unique2", "unique_dim",
+                 "unique_consecutive", "unique_dim_consecutive", "equal", "is_nonzero", "allclose")
+
+
+class _HostReadGuard(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if name in HOST_READ_OPS:
+            raise HostRead(f"host read: aten.{name}")
+        if name in ("index", "index_put", "index_put_") and any(
+                isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in (args[1] or ())
+                if i is not None):
+            raise HostRead(f"host read: aten.{name} with a boolean mask (its size depends on the values)")
+        return func(*args, **kwargs)
+
+
 @contextlib.contextmanager
 def no_host_reads():
     """Every way a launcher could read a tensor's values on the host raises HostRead in the block:
-    item, tolist, bool / int / float / index conversion, nonzero, boolean-mask indexing, numpy."""
+    at the dispatcher, scalar reads (item, bool, int, float, index), nonzero, boolean-mask indexing and
+    the other value-dependent ops of HOST_READ_OPS; above it, ``tolist`` and ``numpy`` (which read the
+    data directly). The dispatch mode leaves nothing behind (patching Tensor.__getitem__ would: CPython
+    does not restore its sequence slot)."""
 
     def refuse(name):
         def method(*args, **kwargs):
-            raise HostRead(f"host read: {name}")
+            raise HostRead(f"host read: Tensor.{name}")
         return method
 
-    real_getitem = torch.Tensor.__getitem__
-
-    def getitem(self, index):
-        parts = index if isinstance(index, tuple) else (index,)
-        if any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts):
-            raise HostRead("host read: boolean-mask indexing (its size depends on the values)")
-        return real_getitem(self, index)
-
-    names = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "numpy", "unique")
-    patches = [(torch.Tensor, n, refuse(f"Tensor.{n}")) for n in names]
-    patches += [(torch.Tensor, "__getitem__", getitem), (torch, "nonzero", refuse("torch.nonzero")),
-                (torch, "unique", refuse("torch.unique")), (torch, "masked_select", refuse("torch.masked_select"))]
-    with pytest.MonkeyPatch.context() as mp:
-        for owner, name, value in patches:
-            mp.setattr(owner, name, value)
+    with pytest.MonkeyPatch.context() as mp, _HostReadGuard():
+        for name in ("tolist", "numpy"):
+            mp.setattr(torch.Tensor, name, refuse(name))
         yield
 
 
@@ -109,8 +120,9 @@ def test_decode_launch_reads_nothing_back(op, len_q):
 def test_host_read_guard_catches_reads():
     """The guard of the test above does fail on each kind of host read."""
     t = torch.tensor([1, 0, 2])
-    for read in (lambda: t[0].item(), lambda: t.tolist(), lambda: bool(t[0]), lambda: int(t[0]),
-                 lambda: t[t > 0], lambda: t.nonzero(), lambda: torch.nonzero(t), lambda: range(t[0])):
+    for read in (lambda: t[0].item(), lambda: t.tolist(), lambda: bool(t[0]), lambda: int(t[0]), lambda: float(t[0]),
+                 lambda: t[t > 0], lambda: t.nonzero(), lambda: torch.nonzero(t), lambda: range(t[0]),
+                 lambda: torch.unique(t), lambda: t.masked_select(t > 0), lambda: t.numpy()):
         with no_host_reads(), pytest.raises(HostRead):
             read()
 
