@@ -6,18 +6,20 @@ going on past a failed step:
 1. install the package without network (``pip install --no-index --no-deps --no-build-isolation -e .``);
 2. ``python -m bench.kernel_check``: the compiled Triton kernels against the float64 references;
 3. the kernel tests (``pytest tests/test_mose_lora.py tests/test_ar_attention.py
-   tests/test_mose_triton.py tests/test_ar_triton.py -k triton``; in parallel with pytest-xdist when
-   installed);
-4. the end-to-end benchmarks (``python -m bench.e2e --preset gpu``), one step per model;
-5. the op benchmarks (``python -m bench --op mose|ar --preset ...``, the issue-3/4 presets), most
+   tests/test_mose_triton.py tests/test_ar_triton.py tests/test_capture_rules.py -k triton``: with the
+   CUDA-graph capture tests; in parallel with pytest-xdist when installed);
+4. the CUDA-graph decode steps (``python -m bench.cuda_graph_decode``): a decode call of each op and a
+   stack of decoder layers, eager against captured and replayed;
+5. the end-to-end benchmarks (``python -m bench.e2e --preset gpu``), one step per model;
+6. the op benchmarks (``python -m bench --op mose|ar --preset ...``, the issue-3/4 presets), most
    important first, as long as the budget lasts.
 
 Everything goes under the output folder (``--out``, else ``$OUT``, else ``bench/results/gpu-run``),
 at most 8 files: ``gpu_run.log`` (everything printed), ``gpu_run.json`` (the steps, their status and
-times, the kernel check and the test summary), ``ops-cuda.json`` (every op result in one bundle),
-``e2e-gpu-cuda.json`` (the e2e results with the targets and whether each was met) and its plot
-``e2e-gpu-cuda.png``. A short table is printed last. To show the numbers in the README, copy the two
-result JSON files into ``bench/results/`` and run ``python -m bench.render --write README.md``.
+times, the kernel check, the test summary and the CUDA-graph decode results), ``ops-cuda.json``
+(every op result in one bundle), ``e2e-gpu-cuda.json`` (the e2e results with the targets and whether
+each was met) and its plot ``e2e-gpu-cuda.png``. A short table is printed last. To show the numbers in
+the README, copy the two result JSON files into ``bench/results/`` and run ``python -m bench.render --write README.md``.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ RESERVE_S = 20.0  # kept back for merging, plotting and the summary
 MIN_STEP_S = 15.0  # a step that would get less than this is skipped
 MAX_FILES = 8
 KERNEL_TESTS = ["tests/test_mose_lora.py", "tests/test_ar_attention.py", "tests/test_mose_triton.py",
-                "tests/test_ar_triton.py"]
+                "tests/test_ar_triton.py", "tests/test_capture_rules.py"]
 # Op benchmarks in the order they run (most important first): (op, preset, mode, providers or None
 # for all). The FlexAttention baselines compile once per shape, so they run on one preset only.
 AR_FAST = "sdpa,mosear_triton,eager_ar"
@@ -56,6 +58,7 @@ OP_RUNS = [
     ("mose", "llama2-7b-qv", "fwd_bwd", None),
 ]
 E2E_MODELS_GPU = ("llama2-7b", "qwen2.5-omni-7b")
+GRAPH_DRY_RUN = ["--dry-run", "--layers", "2"]  # the CPU dry run of the CUDA-graph decode step
 
 
 @dataclass
@@ -69,8 +72,8 @@ class Step:
 
 
 def plan(scratch: str, *, python: str = sys.executable, cuda: bool = True, install: bool = True,
-         tests: bool = True, e2e_preset: str = "gpu", e2e_models=E2E_MODELS_GPU, op_runs=OP_RUNS,
-         min_seconds: float = 0.2) -> list[Step]:
+         tests: bool = True, graph: bool = True, e2e_preset: str = "gpu", e2e_models=E2E_MODELS_GPU,
+         op_runs=OP_RUNS, min_seconds: float = 0.2) -> list[Step]:
     """The steps of the run, in order."""
     steps = []
     if install:
@@ -84,6 +87,10 @@ def plan(scratch: str, *, python: str = sys.executable, cuda: bool = True, insta
         parallel = ["-n", "4"] if importlib.util.find_spec("xdist") is not None else []
         steps.append(Step("kernel tests", [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *parallel,
                                            *KERNEL_TESTS, "-k", "triton"], 120, "tests"))
+    if graph:
+        path = os.path.join(scratch, "cuda_graph_decode.json")
+        steps.append(Step("cuda graph decode", [python, "-m", "bench.cuda_graph_decode", "--out", path,
+                                                *([] if cuda else GRAPH_DRY_RUN)], 90, "graph", path, interpreter))
     for model in e2e_models:
         path = os.path.join(scratch, f"e2e-{model}.json")
         steps.append(Step(f"e2e {model}", [python, "-m", "bench.e2e", "--preset", e2e_preset, "--models", model,
@@ -217,7 +224,14 @@ def op_summary_lines(bundle: dict) -> list[str]:
     return lines
 
 
-def summary(steps: list[dict], kernel: dict | None, e2e: dict | None, ops: dict | None) -> str:
+def graph_summary_lines(graph: dict) -> list[str]:
+    from .cuda_graph_decode import format_row
+
+    return [format_row(row) for row in graph.get("results", [])]
+
+
+def summary(steps: list[dict], kernel: dict | None, e2e: dict | None, ops: dict | None,
+            graph: dict | None = None) -> str:
     from .e2e import format_model
 
     lines = ["", "=" * 100, "SUMMARY", "steps:"]
@@ -227,6 +241,9 @@ def summary(steps: list[dict], kernel: dict | None, e2e: dict | None, ops: dict 
     if kernel:
         lines.append(f"kernel check: {kernel['passed']} passed, {kernel['failed']} failed "
                      f"({'compiled' if kernel.get('compiled') else 'interpreter'})")
+    if graph:
+        lines.append("CUDA-graph decode (per step, eager against replayed):")
+        lines += graph_summary_lines(graph)
     if e2e:
         env = e2e["environment"]
         lines.append(f"e2e ({e2e['preset']}, {env['device']}, torch {env['torch']}, commit {env['commit']}):")
@@ -289,6 +306,7 @@ def execute(steps: list[Step], out: str, deadline: float, log, *, cuda: bool) ->
             record["detail"] = _pytest_summary(record)
         done.append(record)
     kernel = next((_read_json(s.result) for s in steps if s.kind == "check" and s.result), None)
+    graph = next((_read_json(s.result) for s in steps if s.kind == "graph" and s.result), None)
     e2e = merge_e2e([s.result for s in steps if s.kind == "e2e"])
     ops = merge_ops([s.result for s in steps if s.kind == "op"])
     device = "cuda" if cuda else "cpu"
@@ -308,13 +326,14 @@ def execute(steps: list[Step], out: str, deadline: float, log, *, cuda: bool) ->
         files["ops"] = os.path.join(out, f"ops-{device}.json")
         _write_json(files["ops"], ops)
     report = dict(kind="gpu-run", steps=[{k: v for k, v in s.items() if k != "tail"} for s in done],
-                  kernel_check=kernel, files=sorted(os.path.basename(f) for f in files.values()))
+                  kernel_check=kernel, cuda_graph_decode=graph,
+                  files=sorted(os.path.basename(f) for f in files.values()))
     files["report"] = os.path.join(out, "gpu_run.json")
     _write_json(files["report"], report)
     written = sorted(os.listdir(out))
     if len(written) > MAX_FILES:
         log(f"warning: {len(written)} files under {out} (more than {MAX_FILES}): {written}")
-    log(summary(done, kernel, e2e, ops))
+    log(summary(done, kernel, e2e, ops, graph))
     failed = [s for s in done if s["status"] not in ("ok", "skipped")]
     return 1 if failed else 0
 

@@ -15,9 +15,10 @@ def poison_enabled() -> bool:
     return os.environ.get("MOSEAR_POISON_OUTPUTS", "0") == "1"
 
 
-def empty_output(shape, *, dtype: torch.dtype, device) -> torch.Tensor:
-    """``torch.empty``, filled with NaN when output poisoning is on (float dtypes only)."""
+def empty_output(shape, *, dtype: torch.dtype, device, poison: bool | None = None) -> torch.Tensor:
+    """``torch.empty``, filled with NaN when output poisoning is on (float dtypes only). ``poison``:
+    whether it is, when the caller has looked already (one environment read per call, not per buffer)."""
     out = torch.empty(shape, dtype=dtype, device=device)
-    if poison_enabled() and out.is_floating_point():
+    if (poison_enabled() if poison is None else poison) and out.is_floating_point():
         out.fill_(float("nan"))
     return out

@@ -10,6 +10,7 @@ target: inside ``pretend(H100)`` CPU tensors are planned as compiled kernels on 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 from dataclasses import dataclass
@@ -48,7 +49,24 @@ def multiprocessor_count(device: torch.device) -> int | None:
         return target.multiprocessor_count
     if device.type != "cuda":
         return None
+    return _cuda_sm_count(device)
+
+
+@functools.cache
+def _cuda_sm_count(device: torch.device) -> int:
+    # cached: the properties query costs microseconds, paid on every launch otherwise
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def plan_facts(device: torch.device) -> tuple[bool, int | None]:
+    """``(interpreted(device), multiprocessor_count(device))`` in one call: the facts a launch plan
+    depends on, cheap enough for every call and hashable, so launchers key their plan caches on it."""
+    target = getattr(_state, "target", None)
+    if target is not None:
+        return False, target.multiprocessor_count
+    if device.type != "cuda":
+        return True, None
+    return os.environ.get("TRITON_INTERPRET", "0") == "1", _cuda_sm_count(device)
 
 
 @contextlib.contextmanager

@@ -21,8 +21,8 @@ from .launch import ar_attention_fwd
 from .torch_backend import ar_attention_torch
 
 
-def needs_grad(*tensors: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+def needs_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
 
 
 def ar_attention_triton(q, k, v, key_modality, *, num_modalities, balance, target, strength, threshold,
@@ -35,12 +35,15 @@ def ar_attention_triton(q, k, v, key_modality, *, num_modalities, balance, targe
     (1: no split; otherwise the merge kernel combines the partial states).
     Returns ``o`` (q's dtype) or ``(o, masses)`` with the pre-reallocation masses in float32.
     """
-    args = dict(num_modalities=num_modalities, balance=balance, target=target, strength=strength,
-                threshold=threshold, modality_bias=modality_bias, causal=causal, scale=scale,
-                query_mask=query_mask, return_masses=return_masses, window=window, softcap=softcap,
-                balance_by=balance_by)
     if needs_grad(q, k, v):
-        return ar_attention_torch(q, k, v, key_modality, **args)
-    o, masses = ar_attention_fwd(q, k, v, key_modality, block_m=block_m, block_n=block_n,
-                                 num_splits=num_splits, **args)
+        return ar_attention_torch(q, k, v, key_modality, num_modalities=num_modalities, balance=balance,
+                                  target=target, strength=strength, threshold=threshold,
+                                  modality_bias=modality_bias, causal=causal, scale=scale, query_mask=query_mask,
+                                  return_masses=return_masses, window=window, softcap=softcap,
+                                  balance_by=balance_by)
+    o, masses = ar_attention_fwd(q, k, v, key_modality, num_modalities=num_modalities, balance=balance,
+                                 target=target, strength=strength, threshold=threshold, modality_bias=modality_bias,
+                                 causal=causal, scale=scale, query_mask=query_mask, return_masses=return_masses,
+                                 window=window, softcap=softcap, balance_by=balance_by, block_m=block_m,
+                                 block_n=block_n, num_splits=num_splits)
     return (o, masses) if return_masses else o

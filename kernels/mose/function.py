@@ -144,7 +144,12 @@ class MoseLinearFunction(torch.autograd.Function):
 
 
 def _requires_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if not torch.is_grad_enabled():  # inference: no look at the tensors
+        return False
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
 
 
 def mose_lora_triton(x, modality, expert, gate, A, B, scale_vec, out, *, inplace=False, deterministic=None):
@@ -155,9 +160,11 @@ def mose_lora_triton(x, modality, expert, gate, A, B, scale_vec, out, *, inplace
     ``MOSEAR_DETERMINISTIC`` environment switch) makes the backward bit-identical across runs;
     the forward always is.
     """
-    deterministic = deterministic_enabled(deterministic)
     if _requires_grad(x, gate, A, B, out):
-        return MoseLoraFunction.apply(x, gate, A, B, out, modality, expert, scale_vec, inplace, deterministic)
+        return MoseLoraFunction.apply(x, gate, A, B, out, modality, expert, scale_vec, inplace,
+                                      deterministic_enabled(deterministic))
+    if deterministic is not None:  # only the backward depends on it: checked, not looked up
+        deterministic_enabled(deterministic)
     routing = route(modality, expert, A.shape[0], B.shape[1], sort_pairs=False)
     return _lora_forward(x, routing, gate, A, B, scale_vec, out, inplace=inplace, save_h=False)[0]
 
@@ -170,10 +177,11 @@ def mose_linear_triton(x, weight, bias, modality, expert, gate, A, B, scale_vec,
     scale (0 without adapter; no gradient). Differentiable in x, gate, A, B, and weight and bias when
     they require grad. ``deterministic`` as in ``mose_lora_triton``.
     """
-    deterministic = deterministic_enabled(deterministic)
     if _requires_grad(x, weight, bias, gate, A, B):
         return MoseLinearFunction.apply(x, weight, bias, gate, A, B, modality, expert, scale_vec,
-                                        return_update_norm, deterministic)
+                                        return_update_norm, deterministic_enabled(deterministic))
+    if deterministic is not None:
+        deterministic_enabled(deterministic)
     routing = route(modality, expert, A.shape[0], B.shape[1], sort_pairs=False)
     y, _, norm = _linear_forward(x, weight, bias, routing, gate, A, B, scale_vec, save_h=False,
                                  update_norm=return_update_norm)

@@ -3,7 +3,9 @@
 Nothing here reads a device value on the host: the routing is sorted on the device by one kernel,
 grids and splits depend on shapes only, and kernels exit early (or loop zero times) on what a block
 does not hold, so a forward or backward call can be captured in a CUDA graph. Host arithmetic is
-plain integer arithmetic (``-(-a // b)``; ``triton.cdiv`` costs microseconds from Python).
+plain integer arithmetic (``-(-a // b)``; ``triton.cdiv`` costs microseconds from Python), and the
+forward's plans (grids, splits, constexprs) are cached per shape (``_route_plan``, ``_shrink_plan``,
+``_expand_plan``), so a forward call allocates and launches only (``python -m bench.host_overhead``).
 
 Passes of one training step (see triton_kernels.py for each kernel):
 
@@ -16,12 +18,14 @@ Passes of one training step (see triton_kernels.py for each kernel):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
 from ..alloc import empty_output
-from ..target import interpreted, multiprocessor_count
+from ..launching import positional_constexprs
+from ..target import interpreted, multiprocessor_count, plan_facts
 from .triton_kernels import (
     mose_dy_kernel,
     mose_expand_kernel,
@@ -71,14 +75,23 @@ def sm_count(device: torch.device) -> int:
     return DEFAULT_SMS if count is None else count
 
 
+def _facts_sms(facts) -> int:
+    """``sm_count`` from ``target.plan_facts``."""
+    return DEFAULT_SMS if facts[1] is None else facts[1]
+
+
 def numerics_mode(dtype: torch.dtype, device: torch.device) -> int:
     """The kernels' NUMERICS (see triton_kernels._dot): fp32 inputs get IEEE fp32 dots (the float32
     tolerance, 1e-5, is below tf32's precision); bf16 and fp16 on the CPU (the interpreter) get the
     interpreter work-arounds: its dot of half-precision operands accumulates in half precision
     (an fp16 ``A x`` above 65504 overflows where the tensor cores' fp32 accumulator does not)."""
+    return _numerics(dtype, interpreted(device))
+
+
+def _numerics(dtype: torch.dtype, interp: bool) -> int:
     if dtype == torch.float32:
         return 1
-    if dtype in (torch.bfloat16, torch.float16) and interpreted(device):
+    if dtype in (torch.bfloat16, torch.float16) and interp:
         return 2
     return 0
 
@@ -86,6 +99,22 @@ def numerics_mode(dtype: torch.dtype, device: torch.device) -> int:
 def launch(kernel, grid, *args, num_warps: int = NUM_WARPS, **kwargs) -> None:
     if all(g > 0 for g in grid):  # an empty grid is not a valid launch
         kernel[grid](*args, num_warps=num_warps, **kwargs)
+
+
+@dataclass(frozen=True)
+class _Kernel:
+    """One planned launch: its grid (None when a dimension is 0: an empty grid is not a valid launch),
+    the integer arguments that depend on the plan, the constexprs (positional, see ``launching``)
+    and the launch options."""
+
+    grid: tuple | None
+    ints: tuple
+    const: tuple
+    opts: dict
+
+
+def _planned(kernel, grid: tuple, ints: tuple, **kw) -> _Kernel:
+    return _Kernel(grid if all(g > 0 for g in grid) else None, ints, *positional_constexprs(kernel, kw))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -117,7 +146,11 @@ def feature_block(d: int, widest: int = 64) -> int:
 def feature_splits(n_blocks: int, n_tiles: int, device: torch.device) -> tuple[int, int]:
     """``(n_splits, tiles_per_split)`` for a kernel that streams ``n_tiles`` feature tiles per block
     of tokens: enough splits that ``n_blocks * n_splits`` reaches PROGRAMS_PER_SM programs per SM."""
-    target = PROGRAMS_PER_SM * sm_count(device)
+    return _feature_splits(n_blocks, n_tiles, sm_count(device))
+
+
+def _feature_splits(n_blocks: int, n_tiles: int, n_sm: int) -> tuple[int, int]:
+    target = PROGRAMS_PER_SM * n_sm
     wanted = max(1, min(n_tiles, _cdiv(target, max(1, n_blocks))))
     per_split = max(1, n_tiles // wanted)  # rounded down: at least `wanted` splits
     return _cdiv(n_tiles, per_split), per_split
@@ -139,7 +172,7 @@ def reduction_splits(n_rows: int, n_programs: int, block_t: int, device: torch.d
 # ------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False, slots=True)
 class MoseRouting:
     """One call's routing in the layout the kernels read (built once in the forward, reused by the
     backward). ``modality`` and ``expert`` are the caller's tensors (any integer dtype and strides)."""
@@ -152,6 +185,11 @@ class MoseRouting:
     expert: torch.Tensor
     n_modalities: int
     n_experts: int
+    id_strides: tuple = ()  # (modality.stride(0), expert.stride(0), expert.stride(1)), as the kernels read them
+
+    def __post_init__(self):
+        if not self.id_strides:
+            self.id_strides = (self.modality.stride(0), *self.expert.stride())
 
     @property
     def top_k(self) -> int:
@@ -167,6 +205,26 @@ class MoseRouting:
         return self.n_experts ** self.top_k
 
 
+@functools.lru_cache(maxsize=1024)
+def _route_plan(n_tokens: int, top_k: int, n_modalities: int, n_experts: int, sort_pairs: bool, facts) -> tuple:
+    """``(buffer sizes, kernel)`` of ``route`` for plain ints; cached."""
+    n_token_keys = n_modalities * n_experts ** top_k
+    n_pair_keys = n_modalities * n_experts
+    bins = _pow2_at_least(n_token_keys + 2)  # + the bucket "no adapter" + one empty bin (the end)
+    # chunk: items per program, so that the programs of both sorts make ROUTE_PROGRAMS_PER_SM per SM
+    # (the interpreter runs programs one after another: there, at least 32 items per program)
+    n_items = n_tokens + (n_tokens * top_k if sort_pairs else 0)
+    min_chunk = 32 if facts[0] else 1
+    chunk = max(min_chunk, n_items // (ROUTE_PROGRAMS_PER_SM * _facts_sms(facts)))
+    sub = max(1, min(_pow2_at_least(chunk), 4096 // bins))  # the [SUB, BINS] one-hot tile: <= 4 per thread
+    n_token_chunks = _cdiv(n_tokens, chunk)
+    n_pair_chunks = _cdiv(n_tokens * top_k, chunk) if sort_pairs else 0
+    sizes = (n_tokens, n_token_keys + 2) + ((n_tokens * top_k, n_pair_keys + 2) if sort_pairs else ())
+    grid = (max(1, n_token_chunks) + n_pair_chunks,)
+    return sizes, _planned(mose_route_kernel, grid, (chunk, n_token_chunks), TOP_K=top_k, SORT_PAIRS=sort_pairs,
+                           SUB=sub, BINS=bins, BLOCK_H=32 * ROUTE_WARPS * 4, num_warps=ROUTE_WARPS)
+
+
 def route(modality, expert, n_modalities: int, n_experts: int, *, sort_pairs: bool) -> MoseRouting:
     """Sorts token ids (and, with ``sort_pairs`` and top-2, pair ids) by group in one kernel.
 
@@ -174,32 +232,20 @@ def route(modality, expert, n_modalities: int, n_experts: int, *, sort_pairs: bo
     """
     n_tokens, top_k = expert.shape
     device = expert.device
-    n_token_keys = n_modalities * n_experts ** top_k
-    n_pair_keys = n_modalities * n_experts
     sort_pairs = sort_pairs and top_k == 2
-    bins = _pow2_at_least(n_token_keys + 2)  # + the bucket "no adapter" + one empty bin (the end)
-    # chunk: items per program, so that the programs of both sorts make ROUTE_PROGRAMS_PER_SM per SM
-    # (the interpreter runs programs one after another: there, at least 32 items per program)
-    n_items = n_tokens + (n_tokens * top_k if sort_pairs else 0)
-    min_chunk = 32 if interpreted(device) else 1
-    chunk = max(min_chunk, n_items // (ROUTE_PROGRAMS_PER_SM * sm_count(device)))
-    sub = max(1, min(_pow2_at_least(chunk), 4096 // bins))  # the [SUB, BINS] one-hot tile: <= 4 per thread
-    n_token_chunks = _cdiv(n_tokens, chunk)
-    n_pair_chunks = _cdiv(n_tokens * top_k, chunk) if sort_pairs else 0
-
-    sizes = [n_tokens, n_token_keys + 2] + ([n_tokens * top_k, n_pair_keys + 2] if sort_pairs else [])
-    buffer = torch.empty(sum(sizes), dtype=torch.int32, device=device)
-    parts = buffer.split(sizes)
+    sizes, kernel = _route_plan(n_tokens, top_k, n_modalities, n_experts, sort_pairs, plan_facts(device))
+    parts = torch.empty(sum(sizes), dtype=torch.int32, device=device).split_with_sizes(sizes)
     order, offsets = parts[0], parts[1]
     pair_order, pair_offsets = (parts[2], parts[3]) if sort_pairs else (order, offsets)
-    launch(mose_route_kernel, (max(1, n_token_chunks) + n_pair_chunks,),
-           modality, expert, order, offsets, pair_order, pair_offsets,
-           n_tokens, n_modalities, n_experts, modality.stride(0), expert.stride(0), expert.stride(1), chunk,
-           n_token_chunks, TOP_K=top_k, SORT_PAIRS=sort_pairs, SUB=sub, BINS=bins, BLOCK_H=32 * ROUTE_WARPS * 4,
-           num_warps=ROUTE_WARPS)
+    id_strides = (modality.stride(0), *expert.stride())
+    if kernel.grid is not None:
+        mose_route_kernel.run(modality, expert, order, offsets, pair_order, pair_offsets,
+                              n_tokens, n_modalities, n_experts, *id_strides, *kernel.ints,
+                              *kernel.const, grid=kernel.grid, warmup=False, **kernel.opts)
     if not sort_pairs and top_k == 2:  # pairs are only sorted for the deterministic dB reduction
         pair_order = pair_offsets = None
-    return MoseRouting(order, offsets, pair_order, pair_offsets, modality, expert, n_modalities, n_experts)
+    return MoseRouting(order, offsets, pair_order, pair_offsets, modality, expert, n_modalities, n_experts,
+                       id_strides)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -207,23 +253,42 @@ def route(modality, expert, n_modalities: int, n_experts: int, *, sort_pairs: bo
 # ------------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1024)
+def _shrink_plan(n_tokens: int, d_in: int, rank: int, dtype: torch.dtype, facts) -> _Kernel:
+    block_r, block_t = rank_block(rank), token_block(n_tokens)
+    block_k = feature_block(d_in, 128 if block_r <= 32 else 64)
+    n_blocks = _cdiv(n_tokens, block_t)
+    n_splits, per_split = _feature_splits(n_blocks, _cdiv(d_in, block_k), _facts_sms(facts))
+    return _planned(mose_shrink_kernel, (n_blocks, n_splits), (per_split * block_k,), BLOCK_T=block_t, BLOCK_K=block_k,
+                    BLOCK_R=block_r, NUMERICS=_numerics(dtype, facts[0]), num_warps=row_warps(block_r))
+
+
 def shrink(x, routing: MoseRouting, A):
     """Partial down-projections hp (n_splits, N, r) fp32: their sum over splits is h = A[m] x."""
     n_tokens, d_in = x.shape
     rank = A.shape[1]
-    block_r, block_t = rank_block(rank), token_block(n_tokens)
-    block_k = feature_block(d_in, 128 if block_r <= 32 else 64)
-    n_blocks = _cdiv(n_tokens, block_t)
-    n_splits, per_split = feature_splits(n_blocks, _cdiv(d_in, block_k), x.device)
+    kernel = _shrink_plan(n_tokens, d_in, rank, x.dtype, plan_facts(x.device))
+    n_splits = kernel.grid[1] if kernel.grid is not None else 1
     hp = torch.empty(n_splits, n_tokens, rank, dtype=torch.float32, device=x.device)
-    launch(mose_shrink_kernel, (n_blocks, n_splits),
-           x, A, hp, routing.order, routing.modality,
-           n_tokens, d_in, rank, routing.n_modalities, per_split * block_k,
-           routing.modality.stride(0), x.stride(0), x.stride(1), A.stride(0), A.stride(1), A.stride(2),
-           hp.stride(0), hp.stride(1),
-           BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_R=block_r, NUMERICS=numerics_mode(x.dtype, x.device),
-           num_warps=row_warps(block_r))
+    if kernel.grid is not None:
+        mose_shrink_kernel.run(
+            x, A, hp, routing.order, routing.modality, n_tokens, d_in, rank, routing.n_modalities, *kernel.ints,
+            routing.id_strides[0], *x.stride(), *A.stride(), *hp.stride()[:2], *kernel.const,
+            grid=kernel.grid, warmup=False, **kernel.opts)
     return hp
+
+
+@functools.lru_cache(maxsize=1024)
+def _expand_plan(n_tokens: int, d_out: int, rank: int, top_k: int, dtype: torch.dtype, facts, has_base: bool,
+                 only_adapted_rows: bool, save_h: bool, update_norm: bool) -> _Kernel:
+    block_r, block_t = rank_block(rank), token_block(n_tokens)
+    block_n = feature_block(d_out)
+    n_blocks = _cdiv(n_tokens, block_t)
+    n_splits, per_split = _feature_splits(n_blocks, _cdiv(d_out, block_n), _facts_sms(facts))
+    return _planned(mose_expand_kernel, (n_blocks, n_splits), (per_split * block_n,), TOP_K=top_k, HAS_BASE=has_base,
+                    ONLY_ADAPTED_ROWS=only_adapted_rows, WRITE_H=save_h, WRITE_NORM=update_norm, BLOCK_T=block_t,
+                    BLOCK_N=block_n, BLOCK_R=block_r, NUMERICS=_numerics(dtype, facts[0]),
+                    num_warps=row_warps(block_r))
 
 
 def expand(hp, routing: MoseRouting, gate, B, scale_vec, base, y, *, only_adapted_rows=False, save_h=False,
@@ -234,13 +299,12 @@ def expand(hp, routing: MoseRouting, gate, B, scale_vec, base, y, *, only_adapte
     token's update before scale, when ``update_norm``. ``only_adapted_rows``: rows without adapter
     are left untouched (in place, y is base).
     """
-    n_tokens, rank = hp.shape[1], hp.shape[2]
+    n_hp_splits, n_tokens, rank = hp.shape
     d_out = B.shape[2]
     device = hp.device
-    block_r, block_t = rank_block(rank), token_block(n_tokens)
-    block_n = feature_block(d_out)
-    n_blocks = _cdiv(n_tokens, block_t)
-    n_splits, per_split = feature_splits(n_blocks, _cdiv(d_out, block_n), device)
+    kernel = _expand_plan(n_tokens, d_out, rank, routing.expert.shape[1], B.dtype, plan_facts(device),
+                          base is not None, only_adapted_rows, save_h, update_norm)
+    n_splits = kernel.grid[1] if kernel.grid is not None else 1
     h = torch.empty(n_tokens, rank, dtype=torch.float32, device=device) if save_h else hp
     norm_sq = torch.empty(n_splits, n_tokens, dtype=torch.float32, device=device) if update_norm else hp
     if base is None:
@@ -248,17 +312,14 @@ def expand(hp, routing: MoseRouting, gate, B, scale_vec, base, y, *, only_adapte
     elif base.dim() == 1:  # a bias: every row reads the same vector
         base_strides = (0, base.stride(0))
     else:
-        base_strides = (base.stride(0), base.stride(1))
-    launch(mose_expand_kernel, (n_blocks, n_splits),
-           hp, B, base if base is not None else y, y, h, norm_sq, routing.order, routing.modality,
-           routing.expert, gate, scale_vec,
-           n_tokens, d_out, rank, routing.n_modalities, routing.n_experts, hp.shape[0], per_split * block_n,
-           routing.modality.stride(0), routing.expert.stride(0), routing.expert.stride(1), gate.stride(0),
-           gate.stride(1), hp.stride(0), hp.stride(1), B.stride(0), B.stride(1), B.stride(2), B.stride(3),
-           *base_strides, y.stride(0), y.stride(1), h.stride(0), norm_sq.stride(0),
-           TOP_K=routing.top_k, HAS_BASE=base is not None, ONLY_ADAPTED_ROWS=only_adapted_rows, WRITE_H=save_h,
-           WRITE_NORM=update_norm, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_R=block_r,
-           NUMERICS=numerics_mode(B.dtype, device), num_warps=row_warps(block_r))
+        base_strides = base.stride()
+    if kernel.grid is not None:
+        mose_expand_kernel.run(
+            hp, B, base if base is not None else y, y, h, norm_sq, routing.order, routing.modality,
+            routing.expert, gate, scale_vec,
+            n_tokens, d_out, rank, routing.n_modalities, routing.n_experts, n_hp_splits, *kernel.ints,
+            *routing.id_strides, *gate.stride(), *hp.stride()[:2], *B.stride(), *base_strides, *y.stride(),
+            h.stride(0), norm_sq.stride(0), *kernel.const, grid=kernel.grid, warmup=False, **kernel.opts)
     norm = norm_sq.sum(0).sqrt_() if update_norm else None  # the splits in a fixed order (deterministic)
     return y, (h if save_h else None), norm
 
