@@ -2,9 +2,10 @@
 
 Every check raises ``ValueError`` (``TypeError`` for an argument of the wrong Python type) whose
 message names the argument and the expected form. Value range checks of integer ids need the
-values: always done for CPU tensors; for CUDA tensors unless ``validate=False`` or a CUDA graph is
-being captured (the kernels then skip out-of-range ids instead of reading out of bounds).
-"""
+values: always done for CPU tensors; for CUDA tensors unless ``validate=False``. Never while a graph
+is exported or compiled (the values are symbolic and a host read would break the graph) nor while a
+CUDA graph is captured (a read synchronises): the kernels then skip out-of-range ids instead of
+reading out of bounds. Shape, dtype and device checks always run (free under compile)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .backend import is_exporting
+from .backend import host_reads_allowed
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_MODALITIES = 8
@@ -56,13 +57,9 @@ def _same_device(device, **tensors):
 
 
 def _needs_value_checks(t: torch.Tensor, validate: bool) -> bool:
-    if is_exporting():  # the values are symbolic while a graph is traced
+    if not host_reads_allowed():  # exported, compiled (symbolic values) or CUDA-graph capture (no sync)
         return False
-    if t.device.type == "cpu":
-        return True
-    if not validate:
-        return False
-    return not (t.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+    return t.device.type == "cpu" or validate
 
 
 def _check_range(name, t, low, high, *, mask=None):
@@ -283,9 +280,9 @@ def check_target(name, target, n_balance, *, n_q_heads=None):
         return None
     expected = f"{n_balance} positive floats, a ({n_balance},) tensor or a (Hq, {n_balance}) tensor"
     if isinstance(target, torch.Tensor):
-        if is_exporting():
-            raise ValueError(f"{name}: a tensor target cannot be read while a model is exported; "
-                             "pass a sequence of floats (or nested sequences, one per head)")
+        if not host_reads_allowed():
+            raise ValueError(f"{name}: a tensor target cannot be read while a model is exported, compiled or "
+                             "captured in a CUDA graph; pass a sequence of floats (or nested sequences, one per head)")
         if not target.is_floating_point():
             raise DTypeError(f"{name}: expected a floating-point tensor of {expected}, got dtype {target.dtype}")
         if target.dim() not in (1, 2) or target.shape[-1] != n_balance:

@@ -70,6 +70,26 @@ def is_exporting() -> bool:
     return bool((exporting is not None and exporting()) or torch.onnx.is_in_onnx_export())
 
 
+def is_capturing() -> bool:
+    """True while a CUDA graph is being captured on the current stream."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def host_reads_allowed() -> bool:
+    """Whether validation may read tensor values on the host (``.min()``, ``.tolist()``, boolean
+    indexing): not while a graph is exported or compiled (the values are symbolic; a read would break
+    the graph) nor while a CUDA graph is captured (a read synchronises, which capture forbids)."""
+    return not (is_exporting() or torch.compiler.is_compiling() or is_capturing())
+
+
+def through_library() -> bool:
+    """Whether the public ops call the registered ``mosear::`` ops (``mosear_fast.library``): while
+    ``torch.compile`` traces, so the compiler sees one node per call with its fake implementation and
+    autograd formula. Eager calls go straight to the backends (no dispatcher round trip, ~tens of us per
+    call); an export takes the export forms (``implementation``)."""
+    return torch.compiler.is_compiling() and not is_exporting()
+
+
 def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
