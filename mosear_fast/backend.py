@@ -94,10 +94,13 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.cache
+# Looked up once at import (find_spec searches sys.path without importing triton: tens of microseconds,
+# paid on every op call otherwise); a module constant, so torch.compile reads it without tracing a cache.
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    # cached: find_spec searches sys.path (tens of microseconds, paid on every op call otherwise)
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_FOUND
 
 
 def resolve_backend(op: str, backend: str, device: torch.device) -> str:

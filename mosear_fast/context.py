@@ -71,7 +71,9 @@ class ModalityContext:
         self.key_modality: torch.Tensor | None = None  # (B, cache + new) of the latest forward
         self.query_modality: torch.Tensor | None = None  # (B, new)
         # Counts forwards, so work done once per forward (dynamic-weight updates) is not repeated when
-        # gradient checkpointing recomputes the layers during backward.
+        # gradient checkpointing recomputes the layers during backward. Not counted under torch.compile:
+        # a compiled graph would guard on the value and recompile every step; there the recompute is the
+        # compiler's (AOTAutograd reruns the ops, not the Python side effects).
         self.forward_count = 0
         self.shares: dict[int, dict[str, torch.Tensor]] = {}
         self.checked_masks: list = []  # attention masks the AR layers have checked in this forward
@@ -105,7 +107,8 @@ class ModalityContext:
             key = key.masked_fill(~visible.to(key.device), -1)
         self.key_modality = key
         self.query_modality = key[:, key.shape[1] - q_len:]
-        self.forward_count += 1
+        if not torch.compiler.is_compiling():  # a compiled graph would pin the count (a recompile per step)
+            self.forward_count += 1
         self.shares = {}
         self.checked_masks = []
 

@@ -174,12 +174,14 @@ def mose_backward_op(dy: Tensor, x: Tensor, weight: Tensor | None, modality: Ten
                                       deterministic)
     else:
         grads = _torch_mose_backward(dy, x, weight, modality, expert, gate, A, B, scale, h, need)
-    return tuple(g if g is not None else _empty(like) for g, like in zip(grads, (x, gate, A, B), strict=True))
+    # contiguous, as the fake ones
+    return tuple(g.contiguous() if g is not None else _empty(like) for g, like in zip(grads, (x, gate, A, B),
+                                                                                      strict=True))
 
 
 @mose_backward_op.register_fake
 def _(dy, x, weight, modality, expert, gate, A, B, scale, h, need, backend, deterministic):
-    return tuple(torch.empty_like(t) if n else _empty(t) for t, n in zip((x, gate, A, B), need, strict=True))
+    return tuple(t.new_empty(t.shape) if n else _empty(t) for t, n in zip((x, gate, A, B), need, strict=True))
 
 
 def _setup_mose(ctx, x, weight, modality, expert, gate, A, B, scale, backend, deterministic, h):
@@ -336,13 +338,13 @@ def ar_attention_backward_op(grad_o: Tensor, q: Tensor, k: Tensor, v: Tensor, ke
         o = ar_attention_torch(*leaves, key_modality, query_mask=query_mask, return_masses=False, **kwargs,
                                **_options(chunk_size=chunk_size))
         grads = torch.autograd.grad(o, leaves, grad_o)
-    return tuple(g.detach() for g in grads)
+    return tuple(g.detach().contiguous() for g in grads)  # the fake's strides
 
 
 @ar_attention_backward_op.register_fake
 def _(grad_o, q, k, v, key_modality, query_mask, num_modalities, balance, target, target_per_head, strength,
       threshold, modality_bias, causal, scale, window, softcap, balance_by, chunk_size):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the real ones
 
 
 _AR_SCALARS = ("num_modalities", "balance", "target", "target_per_head", "strength", "threshold", "modality_bias",
