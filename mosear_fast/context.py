@@ -261,14 +261,29 @@ def _decoder_pre_hook(module, args, kwargs):
         derived = modality_ids is not None
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
-    if isinstance(past, torch.Tensor):  # a static cache counts its filled slots on the device
-        past = int(past)  # (int() of a traced size would pin the cache length of an exported graph)
     batch, q_len = inputs.shape[0], inputs.shape[1]
+    if isinstance(past, torch.Tensor):  # a static cache counts its filled slots on the device
+        past = _static_cache_length(past, q_len, kwargs.get("attention_mask"), call.padding_mask)
     visible = visible_keys(kwargs.get("attention_mask"), call.padding_mask, context.generation_mask,
                            batch=batch, total=past + q_len)
     context.begin_forward(modality_ids, batch=batch, q_len=q_len, past=past, visible=visible,
                           device=inputs.device, checked=derived)
     return args, kwargs
+
+
+def _static_cache_length(counter: torch.Tensor, q_len: int, attention_mask, call_mask) -> int:
+    """The filled length of a static cache, whose counter is a device tensor. Eager: read on the host
+    (``int()``; of a traced size it would pin the cache length of an exported graph). Under
+    torch.compile a host read is a data-dependent value the graph cannot hold: the length comes from
+    the 2-D padding mask (cached + new tokens) instead, as generate passes it."""
+    if not torch.compiler.is_compiling():
+        return int(counter)
+    for mask in (attention_mask, call_mask):
+        if _is_2d_mask(mask):
+            return mask.shape[1] - q_len
+    raise ValueError("attention_mask: a compiled forward with a static cache needs the 2-D attention mask (B, cached "
+                     "+ new tokens), as generate passes it, to know the cache length without reading the cache's "
+                     "device counter")
 
 
 def _generate_with_modality_ids(self, *args, modality_ids=None, **kwargs):
