@@ -259,6 +259,8 @@ def _decoder_pre_hook(module, args, kwargs):
         if modality_ids is None:
             modality_ids = context.placeholder_ids(_input_ids(args, kwargs))
         derived = modality_ids is not None
+    if torch.compiler.is_compiling() and module.training:
+        _refuse_compiled_checkpointing(module)
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
     batch, q_len = inputs.shape[0], inputs.shape[1]
@@ -269,6 +271,16 @@ def _decoder_pre_hook(module, args, kwargs):
     context.begin_forward(modality_ids, batch=batch, q_len=q_len, past=past, visible=visible,
                           device=inputs.device, checked=derived)
     return args, kwargs
+
+
+def _refuse_compiled_checkpointing(decoder) -> None:
+    """MoSE layers keep their regularizers and dynamic-weight state as Python side effects of the forward,
+    which torch.compile cannot trace inside a checkpointed layer (a higher-order op without side effects)."""
+    if any(getattr(m, "gradient_checkpointing", False) for m in decoder.modules()):
+        raise ValueError("gradient_checkpointing: a MoSE model trained under torch.compile runs without gradient "
+                         "checkpointing (the adapters record their regularizers and dynamic weights as side effects, "
+                         "which a compiled checkpointed layer cannot hold); call "
+                         "model.gradient_checkpointing_disable() or train eagerly")
 
 
 def _static_cache_length(counter: torch.Tensor, q_len: int, attention_mask, call_mask) -> int:
