@@ -68,7 +68,8 @@ def _triton_mose_forward(x, weight, bias, modality, expert, gate, A, B, scale, o
 
     routing = route(modality, expert, A.shape[0], B.shape[1], sort_pairs=False)  # the backward routes again
     if weight is not None:
-        return _linear_forward(x, weight, bias, routing, gate, A, B, scale, save_h=save_h, update_norm=want_norm)
+        y, h, norm = _linear_forward(x, weight, bias, routing, gate, A, B, scale, save_h=save_h, update_norm=want_norm)
+        return y, norm, h
     y, h = _lora_forward(x, routing, gate, A, B, scale, out, inplace=False, save_h=save_h)
     return y, None, h
 
@@ -156,6 +157,8 @@ def _triton_mose_backward(dy, x, weight, modality, expert, gate, A, B, scale, h,
                                          deterministic=deterministic)
     if need_dx and weight is not None:
         _gemm_accumulate(dx, dy, weight)  # the base dx GEMM accumulates into the adapter's dx (beta = 1)
+    if dA is not None and dB is not None:  # views of one buffer there; an op's outputs may not alias
+        dB = dB.clone()  # adapter-sized (M E d_out r), small next to the passes over x and dy
     return dx, dgate, dA, dB
 
 

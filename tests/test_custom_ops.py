@@ -163,3 +163,45 @@ def test_ar_backward_refuses_double_backward():
     (dq,) = torch.autograd.grad(o.sum(), [q], create_graph=True)
     with pytest.raises((RuntimeError, NotImplementedError), match="double backward is not implemented"):
         dq.sum().backward()
+
+
+# ------------------------------------------------------------------------------------------------
+# The Triton backend behind the same ops (the interpreter on the CPU; compiled kernels on CUDA)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op", ["mose_lora", "mose_linear", "ar_attention"])
+def test_opcheck_triton_backend(device, op):
+    if op == "ar_attention":
+        a, s = _ar_case(torch.float32)
+        q, k, v = (a[n].to(device).requires_grad_(True) for n in "qkv")
+        args = (q, k, v, a["key_modality"].to(device), None, *s.values(), True, "triton", None, None, None, None)
+        torch.library.opcheck(library.ar_attention_op, args, test_utils=OPCHECK_TESTS)
+        return
+    d = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in _mose(torch.float32, 2).items()}
+    d = _leaves(d, ("x", "gate", "A", "B", "out"))
+    args = (d["x"], d["modality"], d["expert"], d["gate"], d["A"], d["B"], d["scale"], d["out"], True, "triton",
+            False)
+    if op == "mose_lora":
+        torch.library.opcheck(library.mose_lora_op, args, test_utils=OPCHECK_TESTS)
+        return
+    w = torch.randn(10, 12, device=device, requires_grad=True)
+    args = (d["x"], w, None, *args[1:7], True, True, "triton", True)  # with the norm, deterministic
+    torch.library.opcheck(library.mose_linear_op, args, test_utils=OPCHECK_TESTS)
+
+
+def test_triton_backend_gradients_match_its_autograd_functions(device):
+    from mosear_fast.kernels.mose.function import mose_linear_triton
+
+    d = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in _mose(torch.float32, 2).items()}
+    d["weight"], d["bias"] = torch.randn(10, 12, device=device), torch.randn(10, device=device)
+    names = ("x", "weight", "gate", "A", "B")
+    eager, op = _leaves(d, names), _leaves(d, names)
+    scale = d["scale"].float()
+    args = lambda t: (t["x"], t["weight"], d["bias"], d["modality"], d["expert"], t["gate"], t["A"], t["B"], scale)  # noqa: E731
+    ref = mose_linear_triton(*args(eager), deterministic=True)
+    got = library.mose_linear(*args(op), backend="triton", deterministic=True)
+    assert torch.equal(got, ref)
+    for name, a, b in zip(names, _grads(got, [op[n] for n in names]), _grads(ref, [eager[n] for n in names]),
+                          strict=True):
+        assert torch.equal(a, b), name
