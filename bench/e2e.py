@@ -282,6 +282,9 @@ def run_model(name: str, preset: dict, device: torch.device, variants, *, log=pr
     if FAST in variants:
         measure_all(FAST, True)
     if COMPILED in variants:
+        # a fresh compiler cache per model: the models share code objects (transformers' decorators), whose
+        # graphs of the previous model would count against the recompile limit
+        torch._dynamo.reset()
         measure_all(COMPILED, True, compiled=torch.compile(model, fullgraph=True, backend=compile_backend))
     if EAGER in variants:
         with eager_ops():
