@@ -57,7 +57,7 @@ def _same_device(device, **tensors):
 
 
 def _needs_value_checks(t: torch.Tensor, validate: bool) -> bool:
-    if not host_reads_allowed():  # exported, compiled (symbolic values) or CUDA-graph capture (no sync)
+    if not host_reads_allowed(t.device):  # exported, compiled (symbolic values) or CUDA-graph capture (no sync)
         return False
     return t.device.type == "cpu" or validate
 
@@ -280,7 +280,7 @@ def check_target(name, target, n_balance, *, n_q_heads=None):
         return None
     expected = f"{n_balance} positive floats, a ({n_balance},) tensor or a (Hq, {n_balance}) tensor"
     if isinstance(target, torch.Tensor):
-        if not host_reads_allowed():
+        if not host_reads_allowed(target.device):
             raise ValueError(f"{name}: a tensor target cannot be read while a model is exported, compiled or "
                              "captured in a CUDA graph; pass a sequence of floats (or nested sequences, one per head)")
         if not target.is_floating_point():

@@ -75,11 +75,14 @@ def is_capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def host_reads_allowed() -> bool:
+def host_reads_allowed(device: torch.device | None = None) -> bool:
     """Whether validation may read tensor values on the host (``.min()``, ``.tolist()``, boolean
-    indexing): not while a graph is exported or compiled (the values are symbolic; a read would break
-    the graph) nor while a CUDA graph is captured (a read synchronises, which capture forbids)."""
-    return not (is_exporting() or torch.compiler.is_compiling() or is_capturing())
+    indexing): not while a graph is compiled or exported (the values are symbolic; a read would break
+    the graph) nor while a CUDA graph is captured (a read synchronises, which capture forbids; checked
+    for CUDA tensors, or any when ``device`` is None). Cheapest checks first: this runs on every call."""
+    if torch.compiler.is_compiling() or is_exporting():
+        return False
+    return not ((device is None or device.type == "cuda") and is_capturing())
 
 
 def through_library() -> bool:
