@@ -228,9 +228,18 @@ class ARArgs:
     balance_by: str = "mass"
 
 
+def _host_values(name, value):
+    """A tensor argument's values as Python lists (one host read), refused where reads are not allowed."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    if not host_reads_allowed(value.device):
+        raise ValueError(f"{name}: a tensor cannot be read while a model is exported, compiled or captured in a "
+                         "CUDA graph; pass a sequence of Python numbers")
+    return value.tolist()
+
+
 def _int_sequence(name, value):
-    if isinstance(value, torch.Tensor):
-        value = value.tolist()
+    value = _host_values(name, value)
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise TypeError(f"{name}: expected a sequence of ints, got {type(value).__name__}")
     out = []
@@ -242,8 +251,7 @@ def _int_sequence(name, value):
 
 
 def _float_sequence(name, value, length, *, positive=False):
-    if isinstance(value, torch.Tensor):
-        value = value.tolist()
+    value = _host_values(name, value)
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise TypeError(f"{name}: expected a sequence of {length} floats, got {type(value).__name__}")
     if len(value) != length:

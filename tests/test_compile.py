@@ -79,6 +79,10 @@ def test_compiled_ops_skip_value_reads_but_keep_shape_checks():
                                                              target=t), backend="aot_eager")
     with pytest.raises(ValueError, match="target: a tensor target cannot be read while a model is exported, compiled"):
         ar(a["q"], torch.tensor([0.5, 0.5]))
+    balance = torch.compile(lambda q, b: mosear_fast.ar_attention(q, a["k"], a["v"], a["key_modality"],
+                                                                  num_modalities=3, balance=b), backend="aot_eager")
+    with pytest.raises(ValueError, match="balance: a tensor cannot be read while a model is exported, compiled"):
+        balance(a["q"], torch.tensor([1, 2]))
 
 
 # ------------------------------------------------------------------------------------------------
