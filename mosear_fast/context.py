@@ -286,16 +286,14 @@ def _refuse_compiled_checkpointing(decoder) -> None:
 def _static_cache_length(counter: torch.Tensor, q_len: int, attention_mask, call_mask) -> int:
     """The filled length of a static cache, whose counter is a device tensor. Eager: read on the host
     (``int()``; of a traced size it would pin the cache length of an exported graph). Under
-    torch.compile a host read is a data-dependent value the graph cannot hold: the length comes from
-    the 2-D padding mask (cached + new tokens) instead, as generate passes it."""
-    if not torch.compiler.is_compiling():
-        return int(counter)
-    for mask in (attention_mask, call_mask):
-        if _is_2d_mask(mask):
-            return mask.shape[1] - q_len
-    raise ValueError("attention_mask: a compiled forward with a static cache needs the 2-D attention mask (B, cached "
-                     "+ new tokens), as generate passes it, to know the cache length without reading the cache's "
-                     "device counter")
+    torch.compile, from the 2-D padding mask (cached + new tokens) when the call has one: a size the
+    graph knows, no data-dependent value; else the counter, which the compiler traces as a symbolic
+    int (generate's compiled steps, which get prepared 4-D masks)."""
+    if torch.compiler.is_compiling():
+        for mask in (attention_mask, call_mask):
+            if _is_2d_mask(mask):
+                return mask.shape[1] - q_len
+    return int(counter)
 
 
 def _generate_with_modality_ids(self, *args, modality_ids=None, **kwargs):

@@ -169,19 +169,6 @@ def test_compiled_training_refuses_gradient_checkpointing():
         run(input_ids=ids, attention_mask=mask, modality_ids=modality, labels=ids, use_cache=False)
 
 
-def test_compiled_static_cache_step_needs_the_2d_mask():
-    from transformers import StaticCache
-
-    model = prepared("qwen2").eval()
-    ids, _, modality = av_prompt(1, 8)
-    cache = StaticCache(config=model.config, max_cache_len=12)
-    with torch.no_grad():
-        token = model(input_ids=ids, modality_ids=modality, past_key_values=cache).logits[:, -1:].argmax(-1)
-        step = torch.compile(model, fullgraph=True, backend="aot_eager")
-        with pytest.raises(Exception, match="attention_mask: a compiled forward with a static cache needs the 2-D"):
-            step(input_ids=token, past_key_values=cache)
-
-
 @pytest.mark.slow
 def test_inductor_training_step_matches_eager():
     """The same training step through Inductor (C++ codegen on the CPU: ~1-2 min, hence slow)."""
