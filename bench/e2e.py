@@ -20,7 +20,11 @@ for the variants
 - ``mosear_fast``: ``apply_mosear`` with backend "auto" (Triton kernels on CUDA, the PyTorch backend
   on the CPU);
 - ``onnxruntime``: the model exported by ``mosear_fast.export``, in onnxruntime (its CUDA provider on a
-  GPU where installed, else the CPU provider on a CPU run); prefill only (the graph has no KV cache).
+  GPU where installed, else the CPU provider on a CPU run); prefill only (the graph has no KV cache);
+- ``mosear_compiled``: ``mosear_fast`` under ``torch.compile(model, fullgraph=True)`` (every MoSE and AR
+  call one ``mosear::`` op; ``--compile-backend``, default inductor): the decode steps (prefill eager,
+  then compiled steps on a static KV cache) and the training step, compile time excluded (warm-up);
+  reported with its time relative to ``mosear_fast`` (``ratio_to_mosear_fast``).
 
 Numbers are medians (CUDA events on a GPU, a wall clock on the CPU), reported for the measured stack,
 per layer, and scaled to the real depth (per layer x ``full_layers``: an estimate). The JSON states
@@ -29,6 +33,7 @@ the issue's targets and, on a CUDA run in bf16, whether each was met.
 Examples:
     python -m bench.e2e --preset cpu-small
     python -m bench.e2e --preset gpu --models llama2-7b --out /tmp/e2e.json
+    python -m bench.e2e --variants mosear_fast,mosear_compiled --threads 1
 """
 
 from __future__ import annotations
@@ -56,10 +61,12 @@ VARIANTS = {
     "backbone": "the decoder alone, sdpa attention (floor)",
     "mosear_fast": "apply_mosear, backend auto (Triton kernels on CUDA, the PyTorch backend on the CPU)",
     "mosear_eager": "MoSE per-(modality, expert) loops + AR on materialised probabilities (bench/e2e_eager.py)",
+    "mosear_compiled": "mosear_fast under torch.compile(model, fullgraph=True) (--compile-backend, default inductor): "
+                       "the decode steps (static KV cache) and the training step; compile time excluded; no prefill",
     "onnxruntime": "the exported graphs (mosear_fast.export) in onnxruntime: prefill graph; decode with the "
                    "--with-past graph through OnnxGenerator",
 }
-FLOOR, EAGER, FAST, ORT = "backbone", "mosear_eager", "mosear_fast", "onnxruntime"
+FLOOR, EAGER, FAST, ORT, COMPILED = "backbone", "mosear_eager", "mosear_fast", "onnxruntime", "mosear_compiled"
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 
@@ -117,14 +124,18 @@ def prefill_fn(model, ids, modality):
     return run
 
 
-def measure_decode(model, ids, modality, new_tokens: int, device, *, reps: int, warmup: int = 1) -> dict:
-    """Median time of ``new_tokens`` greedy steps after an (untimed) prefill of ``ids``."""
-    from .e2e_models import cache_kwargs, new_cache
+def measure_decode(model, ids, modality, new_tokens: int, device, *, reps: int, warmup: int = 1,
+                   step_model=None) -> dict:
+    """Median time of ``new_tokens`` greedy steps after an (untimed) prefill of ``ids``. ``step_model``
+    (a compiled ``model``) runs the steps instead, with a static KV cache (what compiled decoding uses);
+    the warm-up rounds compile it."""
+    from .e2e_models import cache_kwargs, new_cache, new_static_cache
 
+    step = model if step_model is None else step_model  # (a compiled module has no truth value)
     times, peaks = [], []
     for rep in range(warmup + reps):
         with torch.no_grad():
-            cache = new_cache(model)
+            cache = new_cache(model) if step_model is None else new_static_cache(model, ids.shape[1] + new_tokens)
             kwargs = dict(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
             if modality is not None:
                 kwargs["modality_ids"] = modality
@@ -136,8 +147,12 @@ def measure_decode(model, ids, modality, new_tokens: int, device, *, reps: int, 
                 begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 begin.record()
             started = time.perf_counter()
-            for _ in range(new_tokens):
-                token = model(input_ids=token, use_cache=True, **cache_kwargs(model, cache)).logits[:, -1:].argmax(-1)
+            for i in range(new_tokens):
+                # compiled steps get the 2-D mask as generate passes it (the static cache's length from its shape)
+                length = ids.shape[1] + i + 1
+                mask = {} if step_model is None else dict(attention_mask=ids.new_ones(ids.shape[0], length))
+                token = step(input_ids=token, use_cache=True, **mask, **cache_kwargs(model, cache)).logits[:, -1:]
+                token = token.argmax(-1)
             if device.type == "cuda":
                 end.record()
                 end.synchronize()
@@ -155,9 +170,10 @@ def measure_decode(model, ids, modality, new_tokens: int, device, *, reps: int, 
     return result
 
 
-def train_step_fn(model, ids, modality, *, floor: bool):
+def train_step_fn(model, ids, modality, *, floor: bool, forward=None):
     """One forward + backward. Floor: the frozen backbone, gradient to its input embeddings. MoSEAR:
-    gradients to the MoSE adapters (backbone frozen); loss = cross-entropy + ``aux_loss``."""
+    gradients to the MoSE adapters (backbone frozen); loss = cross-entropy + ``aux_loss``; ``forward``
+    (a compiled ``model``) runs the forward instead."""
     if floor:
         embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
 
@@ -171,15 +187,17 @@ def train_step_fn(model, ids, modality, *, floor: bool):
     if not params:
         raise ValueError("model: no trainable parameter (MoSE adapters expected)")
 
+    forward = model if forward is None else forward
+
     def step():
-        out = model(input_ids=ids, modality_ids=modality, labels=ids, use_cache=False)
+        out = forward(input_ids=ids, modality_ids=modality, labels=ids, use_cache=False)
         (out.loss + aux_loss(model)).backward()
         for p in params:
             p.grad = None
     return step
 
 
-def measure_train(model, ids, modality, device, timing, *, floor: bool) -> dict:
+def measure_train(model, ids, modality, device, timing, *, floor: bool, forward=None) -> dict:
     from .e2e_models import attention_implementation
 
     model.train()
@@ -187,7 +205,7 @@ def measure_train(model, ids, modality, device, timing, *, floor: bool) -> dict:
         if floor:
             return timed(train_step_fn(model, ids, None, floor=True), device, timing)
         with attention_implementation(model, "sdpa"):  # AR off: an inference-time method
-            return timed(train_step_fn(model, ids, modality, floor=False), device, timing)
+            return timed(train_step_fn(model, ids, modality, floor=False, forward=forward), device, timing)
     finally:
         model.eval()
 
@@ -202,7 +220,8 @@ def _rel_err(a, b) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def run_model(name: str, preset: dict, device: torch.device, variants, *, log=print, workdir=None) -> dict:
+def run_model(name: str, preset: dict, device: torch.device, variants, *, log=print, workdir=None,
+              compile_backend: str = "inductor") -> dict:
     from .e2e_eager import eager_ops
     from .e2e_models import add_mosear, av_prompt, build_decoder, model_bytes
 
@@ -222,8 +241,8 @@ def run_model(name: str, preset: dict, device: torch.device, variants, *, log=pr
     decode = {b: {} for b in decode_in}
     train = {}
 
-    def measure_all(variant, modality_on):
-        for n, (ids, mod) in prefill_in.items():
+    def measure_all(variant, modality_on, compiled=None):
+        for n, (ids, mod) in ([] if compiled is not None else prefill_in.items()):
             label = f"{tag} prefill L={n} {variant}"
             prefill[n][variant] = guarded(log, label, lambda ids=ids, mod=mod: timed(
                 prefill_fn(model, ids, mod if modality_on else None), device, timing))
@@ -233,12 +252,12 @@ def run_model(name: str, preset: dict, device: torch.device, variants, *, log=pr
             label = f"{tag} decode B={b} {variant}"
             decode[b][variant] = guarded(log, label, lambda ids=ids, mod=mod: measure_decode(
                 model, ids, mod if modality_on else None, preset["decode_tokens"], device,
-                reps=preset["decode_reps"]))
+                reps=preset["decode_reps"], step_model=compiled))
             _log_time(log, label, decode[b][variant])
             _free(device)
         label = f"{tag} train B={preset['train_batch']} L={preset['train_length']} {variant}"
         train[variant] = guarded(log, label, lambda: measure_train(model, *train_in, device, timing,
-                                                                      floor=not modality_on))
+                                                                      floor=not modality_on, forward=compiled))
         _log_time(log, label, train[variant])
         _free(device)
 
@@ -262,6 +281,11 @@ def run_model(name: str, preset: dict, device: torch.device, variants, *, log=pr
                                                   workdir=workdir)
     if FAST in variants:
         measure_all(FAST, True)
+    if COMPILED in variants:
+        # a fresh compiler cache per model: the models share code objects (transformers' decorators), whose
+        # graphs of the previous model would count against the recompile limit
+        torch._dynamo.reset()
+        measure_all(COMPILED, True, compiled=torch.compile(model, fullgraph=True, backend=compile_backend))
     if EAGER in variants:
         with eager_ops():
             measure_all(EAGER, True)
@@ -402,6 +426,7 @@ def derive(result: dict) -> None:
             cells = row["variants"]
             floor = cells.get(FLOOR, {}).get("median_ms")
             eager = cells.get(EAGER, {}).get("median_ms")
+            fast = cells.get(FAST, {}).get("median_ms")
             for t in cells.values():
                 if "median_ms" not in t:
                     continue
@@ -420,6 +445,8 @@ def derive(result: dict) -> None:
                     t["scaled_tokens_per_s"] = tokens / (t["scaled_ms"] * 1e-3)
                 t["ratio_to_floor"] = ms / floor if floor else None
                 t["speedup_over_eager"] = eager / ms if eager else None
+            if "median_ms" in cells.get(COMPILED, {}):  # compiled against the same ops run eagerly
+                cells[COMPILED]["ratio_to_mosear_fast"] = cells[COMPILED]["median_ms"] / fast if fast else None
 
 
 def _cell(result, kind, variant, **match):
@@ -484,7 +511,7 @@ def environment(device: torch.device) -> dict:
 
 
 def run(preset_name: str, device: torch.device, *, models=None, variants=None, log=print, workdir=None,
-        preset: dict | None = None, on_progress=None) -> dict:
+        preset: dict | None = None, on_progress=None, compile_backend: str = "inductor") -> dict:
     """Measures every selected model and variant; returns the JSON-ready result. ``on_progress`` is
     called with the result so far (``"complete": False``) after each model."""
     preset = dict(preset) if preset is not None else presets.e2e_preset(preset_name)
@@ -498,10 +525,12 @@ def run(preset_name: str, device: torch.device, *, models=None, variants=None, l
         raise ValueError(f"variants: unknown {unknown}; known: {list(VARIANTS)}")
     env = environment(device)
     settings = _settings(preset)
+    if COMPILED in variants:
+        settings["compile_backend"] = compile_backend
     log(f"e2e {preset_name} on {env['device']} (torch {env['torch']}, transformers {env['transformers']})")
     results = []
     for name in models:
-        result = run_model(name, preset, device, variants, log=log, workdir=workdir)
+        result = run_model(name, preset, device, variants, log=log, workdir=workdir, compile_backend=compile_backend)
         result["targets"] = evaluate_targets(result, device_type=device.type, dtype=preset["dtype"])
         results.append(result)
         log(format_model(result))
@@ -553,6 +582,8 @@ def format_model(result: dict) -> str:
                     extra.append(f"{t['ratio_to_floor']:.2f}x floor")
                 if t.get("speedup_over_eager") is not None and name not in (EAGER, FLOOR):
                     extra.append(f"{t['speedup_over_eager']:.2f}x over eager")
+                if t.get("ratio_to_mosear_fast") is not None:
+                    extra.append(f"{t['ratio_to_mosear_fast']:.2f}x the time of {FAST}")
                 cells.append(f"{name} {value}" + (f" ({', '.join(extra)})" if extra else ""))
             lines.append(f"  {kind:7s} {where:14s} " + " | ".join(cells))
     for t in result.get("targets", []):
@@ -569,6 +600,9 @@ def parse_args(argv):
     p.add_argument("--variants", default=None, help=f"comma-separated, of {','.join(VARIANTS)} (default all)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/e2e-<preset>-<device>.json)")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend of the mosear_compiled variant (default inductor; aot_eager "
+                        "traces without code generation)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads of torch (default: torch's); 1 gives steadier CPU timings on a shared machine")
     return p.parse_args(argv)
@@ -596,7 +630,7 @@ def main(argv=None) -> int:
 
     try:
         save(run(args.preset, device, models=split(args.models), variants=split(args.variants),
-                 log=lambda s: print(s, flush=True), on_progress=save))
+                 log=lambda s: print(s, flush=True), on_progress=save, compile_backend=args.compile_backend))
     except ValueError as err:
         print(f"python -m bench.e2e: error: {err}", file=sys.stderr)
         return 2

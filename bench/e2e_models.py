@@ -101,6 +101,13 @@ def new_cache(model):
         return DynamicCache()
 
 
+def new_static_cache(model, max_cache_len: int):
+    """A static KV cache (fixed shapes: what a compiled decode step uses)."""
+    from transformers import StaticCache
+
+    return StaticCache(config=model.config, max_cache_len=max_cache_len)
+
+
 # -------------------------------------------------------------------------------------------------
 # onnxruntime
 # -------------------------------------------------------------------------------------------------

@@ -2,9 +2,10 @@
 
 Every check raises ``ValueError`` (``TypeError`` for an argument of the wrong Python type) whose
 message names the argument and the expected form. Value range checks of integer ids need the
-values: always done for CPU tensors; for CUDA tensors unless ``validate=False`` or a CUDA graph is
-being captured (the kernels then skip out-of-range ids instead of reading out of bounds).
-"""
+values: always done for CPU tensors; for CUDA tensors unless ``validate=False``. Never while a graph
+is exported or compiled (the values are symbolic and a host read would break the graph) nor while a
+CUDA graph is captured (a read synchronises): the kernels then skip out-of-range ids instead of
+reading out of bounds. Shape, dtype and device checks always run (free under compile)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .backend import is_exporting
+from .backend import host_reads_allowed
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_MODALITIES = 8
@@ -56,13 +57,9 @@ def _same_device(device, **tensors):
 
 
 def _needs_value_checks(t: torch.Tensor, validate: bool) -> bool:
-    if is_exporting():  # the values are symbolic while a graph is traced
+    if not host_reads_allowed(t.device):  # exported, compiled (symbolic values) or CUDA-graph capture (no sync)
         return False
-    if t.device.type == "cpu":
-        return True
-    if not validate:
-        return False
-    return not (t.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+    return t.device.type == "cpu" or validate
 
 
 def _check_range(name, t, low, high, *, mask=None):
@@ -231,9 +228,18 @@ class ARArgs:
     balance_by: str = "mass"
 
 
+def _host_values(name, value):
+    """A tensor argument's values as Python lists (one host read), refused where reads are not allowed."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    if not host_reads_allowed(value.device):
+        raise ValueError(f"{name}: a tensor cannot be read while a model is exported, compiled or captured in a "
+                         "CUDA graph; pass a sequence of Python numbers")
+    return value.tolist()
+
+
 def _int_sequence(name, value):
-    if isinstance(value, torch.Tensor):
-        value = value.tolist()
+    value = _host_values(name, value)
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise TypeError(f"{name}: expected a sequence of ints, got {type(value).__name__}")
     out = []
@@ -245,8 +251,7 @@ def _int_sequence(name, value):
 
 
 def _float_sequence(name, value, length, *, positive=False):
-    if isinstance(value, torch.Tensor):
-        value = value.tolist()
+    value = _host_values(name, value)
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise TypeError(f"{name}: expected a sequence of {length} floats, got {type(value).__name__}")
     if len(value) != length:
@@ -283,9 +288,9 @@ def check_target(name, target, n_balance, *, n_q_heads=None):
         return None
     expected = f"{n_balance} positive floats, a ({n_balance},) tensor or a (Hq, {n_balance}) tensor"
     if isinstance(target, torch.Tensor):
-        if is_exporting():
-            raise ValueError(f"{name}: a tensor target cannot be read while a model is exported; "
-                             "pass a sequence of floats (or nested sequences, one per head)")
+        if not host_reads_allowed(target.device):
+            raise ValueError(f"{name}: a tensor target cannot be read while a model is exported, compiled or "
+                             "captured in a CUDA graph; pass a sequence of floats (or nested sequences, one per head)")
         if not target.is_floating_point():
             raise DTypeError(f"{name}: expected a floating-point tensor of {expected}, got dtype {target.dtype}")
         if target.dim() not in (1, 2) or target.shape[-1] != n_balance:

@@ -70,14 +70,40 @@ def is_exporting() -> bool:
     return bool((exporting is not None and exporting()) or torch.onnx.is_in_onnx_export())
 
 
+def is_capturing() -> bool:
+    """True while a CUDA graph is being captured on the current stream."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def host_reads_allowed(device: torch.device | None = None) -> bool:
+    """Whether validation may read tensor values on the host (``.min()``, ``.tolist()``, boolean
+    indexing): not while a graph is compiled or exported (the values are symbolic; a read would break
+    the graph) nor while a CUDA graph is captured (a read synchronises, which capture forbids; checked
+    for CUDA tensors, or any when ``device`` is None). Cheapest checks first: this runs on every call."""
+    if torch.compiler.is_compiling() or is_exporting():
+        return False
+    return not ((device is None or device.type == "cuda") and is_capturing())
+
+
+def through_library() -> bool:
+    """Whether the public ops call the registered ``mosear::`` ops (``mosear_fast.library``): while
+    ``torch.compile`` traces, so the compiler sees one node per call with its fake implementation and
+    autograd formula. Eager calls go straight to the backends (no dispatcher round trip, ~tens of us per
+    call); an export takes the export forms (``implementation``)."""
+    return torch.compiler.is_compiling() and not is_exporting()
+
+
 def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.cache
+# Looked up once at import (find_spec searches sys.path without importing triton: tens of microseconds,
+# paid on every op call otherwise); a module constant, so torch.compile reads it without tracing a cache.
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    # cached: find_spec searches sys.path (tens of microseconds, paid on every op call otherwise)
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_FOUND
 
 
 def resolve_backend(op: str, backend: str, device: torch.device) -> str:

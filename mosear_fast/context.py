@@ -71,7 +71,9 @@ class ModalityContext:
         self.key_modality: torch.Tensor | None = None  # (B, cache + new) of the latest forward
         self.query_modality: torch.Tensor | None = None  # (B, new)
         # Counts forwards, so work done once per forward (dynamic-weight updates) is not repeated when
-        # gradient checkpointing recomputes the layers during backward.
+        # gradient checkpointing recomputes the layers during backward. Not counted under torch.compile:
+        # a compiled graph would guard on the value and recompile every step; there the recompute is the
+        # compiler's (AOTAutograd reruns the ops, not the Python side effects).
         self.forward_count = 0
         self.shares: dict[int, dict[str, torch.Tensor]] = {}
         self.checked_masks: list = []  # attention masks the AR layers have checked in this forward
@@ -105,7 +107,8 @@ class ModalityContext:
             key = key.masked_fill(~visible.to(key.device), -1)
         self.key_modality = key
         self.query_modality = key[:, key.shape[1] - q_len:]
-        self.forward_count += 1
+        if not torch.compiler.is_compiling():  # a compiled graph would pin the count (a recompile per step)
+            self.forward_count += 1
         self.shares = {}
         self.checked_masks = []
 
@@ -256,16 +259,41 @@ def _decoder_pre_hook(module, args, kwargs):
         if modality_ids is None:
             modality_ids = context.placeholder_ids(_input_ids(args, kwargs))
         derived = modality_ids is not None
+    if torch.compiler.is_compiling() and module.training:
+        _refuse_compiled_checkpointing(module)
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
-    if isinstance(past, torch.Tensor):  # a static cache counts its filled slots on the device
-        past = int(past)  # (int() of a traced size would pin the cache length of an exported graph)
     batch, q_len = inputs.shape[0], inputs.shape[1]
+    if isinstance(past, torch.Tensor):  # a static cache counts its filled slots on the device
+        past = _static_cache_length(past, q_len, kwargs.get("attention_mask"), call.padding_mask)
     visible = visible_keys(kwargs.get("attention_mask"), call.padding_mask, context.generation_mask,
                            batch=batch, total=past + q_len)
     context.begin_forward(modality_ids, batch=batch, q_len=q_len, past=past, visible=visible,
                           device=inputs.device, checked=derived)
     return args, kwargs
+
+
+def _refuse_compiled_checkpointing(decoder) -> None:
+    """MoSE layers keep their regularizers and dynamic-weight state as Python side effects of the forward,
+    which torch.compile cannot trace inside a checkpointed layer (a higher-order op without side effects)."""
+    if any(getattr(m, "gradient_checkpointing", False) for m in decoder.modules()):
+        raise ValueError("gradient_checkpointing: a MoSE model trained under torch.compile runs without gradient "
+                         "checkpointing (the adapters record their regularizers and dynamic weights as side effects, "
+                         "which a compiled checkpointed layer cannot hold); call "
+                         "model.gradient_checkpointing_disable() or train eagerly")
+
+
+def _static_cache_length(counter: torch.Tensor, q_len: int, attention_mask, call_mask) -> int:
+    """The filled length of a static cache, whose counter is a device tensor. Eager: read on the host
+    (``int()``; of a traced size it would pin the cache length of an exported graph). Under
+    torch.compile, from the 2-D padding mask (cached + new tokens) when the call has one: a size the
+    graph knows, no data-dependent value; else the counter, which the compiler traces as a symbolic
+    int (generate's compiled steps, which get prepared 4-D masks)."""
+    if torch.compiler.is_compiling():
+        for mask in (attention_mask, call_mask):
+            if _is_2d_mask(mask):
+                return mask.shape[1] - q_len
+    return int(counter)
 
 
 def _generate_with_modality_ids(self, *args, modality_ids=None, **kwargs):

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from ._validation import MAX_MODALITIES
-from .backend import is_exporting
+from .backend import host_reads_allowed
 
 DEFAULT_MODALITIES = ("text", "visual", "audio")
 
@@ -70,8 +70,8 @@ def check_modality_ids(modality_ids, *, batch: int, num_modalities: int,
 
 def check_modality_range(modality_ids: torch.Tensor, num_modalities: int, *, name: str = "modality_ids") -> None:
     """Ids in [-1, M). Reads the values (a host sync on CUDA): done once per model call, skipped
-    while a graph is traced."""
-    if modality_ids.numel() > 0 and not is_exporting():
+    while a graph is exported or compiled and during CUDA-graph capture."""
+    if modality_ids.numel() > 0 and host_reads_allowed(modality_ids.device):
         lo, hi = int(modality_ids.min()), int(modality_ids.max())
         if lo < -1 or hi >= num_modalities:
             raise ValueError(f"{name}: expected ids in [-1, {num_modalities}) (modalities of the config), "

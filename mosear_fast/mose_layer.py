@@ -119,7 +119,7 @@ class MoSEAdapter(nn.Module):
         checkpointing) does not update the dynamic weights again.
         """
         slot = torch.where(modality >= 0, self.slot_of_modality[modality.clamp_min(0)], -1)  # [N]
-        logits, unit_logits, unit_slot = self._router_logits(x, slot, sample, n_samples)
+        logits, unit_logits, unit_slot, unit_present = self._router_logits(x, slot, sample, n_samples)
         probs = torch.softmax(logits.float(), dim=-1)  # [N, E]
         top_p, expert = probs.topk(self.top_k, dim=-1)  # [N, k]
         gate = top_p if self.top_k == 1 else top_p / top_p.sum(-1, keepdim=True)
@@ -152,7 +152,7 @@ class MoSEAdapter(nn.Module):
             self._measured_forward, self._measured_scale = forward_id, scale.detach()
             self._update_dynamic_weights(norms, slot)
 
-        self.last_regularizers = self._regularizers(unit_logits, unit_slot) if self.training else None
+        self.last_regularizers = self._regularizers(unit_logits, unit_slot, unit_present) if self.training else None
         return y
 
     @property
@@ -162,7 +162,11 @@ class MoSEAdapter(nn.Module):
         return self.training and isinstance(self.dropout, nn.Dropout)
 
     def _router_logits(self, x, slot, sample, n_samples):
-        """Per-token router logits (N, E), and the logits and slots of the routing units (U, E), (U,)."""
+        """Per-token router logits (N, E), and the routing units' logits (U, E), slots (U,) and presence
+        (U,) bool (a unit without tokens, or a token without adapter, counts for nothing).
+
+        No boolean indexing and no bincount: every shape is known from N, so nothing is read on the
+        host (no sync on CUDA, no data-dependent shape under torch.compile or CUDA-graph capture)."""
         n_slots, n_experts = len(self.adapted), self.num_experts
         adapted = slot >= 0
         if self.routing == "token":
@@ -171,23 +175,22 @@ class MoSEAdapter(nn.Module):
                              self.router_bias.reshape(-1).to(x.dtype))  # [N, Ma*E]
             index = slot.clamp_min(0).view(-1, 1, 1).expand(-1, 1, n_experts)
             logits = every.view(-1, n_slots, n_experts).gather(1, index).squeeze(1)  # [N, E]
-            return logits, logits[adapted], slot[adapted]
+            return logits, logits, slot, adapted
         # Sequence routing: one unit per (sample, modality), routed on the mean of its tokens.
         if sample is None:
             sample = torch.zeros_like(slot)
         unit = sample * n_slots + slot.clamp_min(0)  # [N]
         n_units = n_samples * n_slots
         sums = x.new_zeros(n_units, x.shape[1], dtype=torch.float32).index_add(
-            0, unit[adapted], x[adapted].float())
-        counts = torch.bincount(unit[adapted], minlength=n_units)
+            0, unit, torch.where(adapted[:, None], x.float(), 0.0))  # rows without adapter add exact zeros
+        counts = x.new_zeros(n_units, dtype=torch.float32).index_add(0, unit, adapted.float())
         means = (sums / counts.clamp_min(1).unsqueeze(1)).to(x.dtype)  # [U_all, d_in]
         unit_slots = torch.arange(n_slots, device=x.device).repeat(n_samples)  # [U_all]
         unit_logits = torch.einsum("ud,ued->ue", means, self.router_weight.to(x.dtype)[unit_slots]) \
             + self.router_bias.to(x.dtype)[unit_slots]  # [U_all, E]
-        present = counts > 0
-        return unit_logits[unit], unit_logits[present], unit_slots[present]
+        return unit_logits[unit], unit_logits, unit_slots, counts > 0
 
-    def _regularizers(self, unit_logits, unit_slot) -> dict[str, torch.Tensor]:
+    def _regularizers(self, unit_logits, unit_slot, present) -> dict[str, torch.Tensor]:
         """DESIGN 2.1: load balance (mean over adapted modalities present) and router z-loss.
 
         ``L_lb = mean_m E * sum_e f_{m,e} P_{m,e}`` with ``f = F / C`` and ``P = S / C``: ``F`` the dispatch
@@ -204,15 +207,19 @@ class MoSEAdapter(nn.Module):
         order (data parallelism does), including a rank whose batch has no units for this adapter.
         """
         n_slots, n_experts, k = len(self.adapted), self.num_experts, self.top_k
-        logits = unit_logits.float()
+        # Units not present count for nothing: their logits are replaced by zeros (no gradient reaches
+        # them) and their rows add exact zeros to the sums.
+        logits = torch.where(present[:, None], unit_logits.float(), 0.0)
+        weight = present.to(logits.dtype)  # [U]
+        slot = unit_slot.clamp_min(0)
         probs = torch.softmax(logits, dim=-1)  # [U, E]
         chosen = probs.topk(k, dim=-1).indices  # [U, k]
         share = torch.full_like(chosen, 1.0 / k, dtype=probs.dtype)  # each of k choices counts 1/k
-        dispatch = torch.zeros_like(probs).scatter_add(1, chosen, share)
-        count = torch.bincount(unit_slot, minlength=n_slots).to(probs.dtype)  # [Ma]  C
-        dispatched = probs.new_zeros(n_slots, n_experts).index_add(0, unit_slot, dispatch)  # [Ma, E]  F
-        prob_sum = torch.zeros_like(dispatched).index_add(0, unit_slot, probs)  # [Ma, E]  S, differentiable
-        z_sum = torch.logsumexp(logits, dim=-1).pow(2).sum()  # Z, differentiable
+        dispatch = torch.zeros_like(probs).scatter_add(1, chosen, share) * weight[:, None]
+        count = probs.new_zeros(n_slots).index_add(0, slot, weight)  # [Ma]  C
+        dispatched = probs.new_zeros(n_slots, n_experts).index_add(0, slot, dispatch)  # [Ma, E]  F
+        prob_sum = torch.zeros_like(dispatched).index_add(0, slot, probs * weight[:, None])  # [Ma, E]  S
+        z_sum = (torch.logsumexp(logits, dim=-1).pow(2) * weight).sum()  # Z, differentiable
 
         def load_balance_of(prob_sums):  # reads F and C when called: after the all_reduce, the global ones
             per_slot = n_experts * (dispatched * prob_sums).sum(-1) / count.clamp_min(1) ** 2  # E * sum_e f * P
@@ -329,7 +336,8 @@ class MoSELinear(nn.Module):
         forward_id = None
         if modality is None:
             modality = self._context_modality(x)
-            forward_id = self._mosear_context.forward_count
+            # under torch.compile there is no Python rerun to detect (see ModalityContext.forward_count)
+            forward_id = None if torch.compiler.is_compiling() else self._mosear_context.forward_count
         if not isinstance(modality, torch.Tensor) or tuple(modality.shape) != tuple(x.shape[:-1]):
             got = tuple(modality.shape) if isinstance(modality, torch.Tensor) else type(modality).__name__
             raise ValueError(f"modality: expected ids of shape {tuple(x.shape[:-1])} (x.shape[:-1]), got "

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from . import library
 from ._validation import check_ar_args, check_mose_args, check_mose_linear_args
-from .backend import implementation
+from .backend import implementation, resolve_backend, through_library
 
 
 def mose_lora(x, modality, expert, gate, A, B, scale, out=None, *, inplace=False, backend="auto",
@@ -23,8 +26,17 @@ def mose_lora(x, modality, expert, gate, A, B, scale, out=None, *, inplace=False
     expanded view). Differentiable in x, gate, A, B and out. ``scale`` is not differentiated (it
     is ``s * w_m``, whose dynamic weights are buffers): a scale tensor that requires grad is refused
     while grad mode is on. ``backend``: "auto" (Triton on CUDA, PyTorch on CPU), "torch" or "triton".
+
+    Validation: shapes, dtypes and devices are always checked. The value ranges of modality and expert
+    need a host read, which would break a ``torch.compile`` graph, is symbolic under ``torch.export``
+    and would synchronise inside CUDA-graph capture: it is skipped in those three cases (and for CUDA
+    tensors with ``validate=False``); the kernels then skip out-of-range ids. Under ``torch.compile``
+    the call is the registered op ``mosear::mose_lora`` (``mosear_fast.library``).
     """
     scale_vec = check_mose_args(x, modality, expert, gate, A, B, scale, out, inplace=inplace, validate=validate)
+    if through_library():
+        return library.mose_lora(x, modality, expert, gate, A, B, scale_vec, out, inplace=inplace,
+                                 backend=resolve_backend("mose_lora", backend, x.device), **backend_options)
     run = implementation("mose_lora", backend, x.device)
     return run(x, modality, expert, gate, A, B, scale_vec, out, inplace=inplace, **backend_options)
 
@@ -43,9 +55,19 @@ def mose_linear(x, weight, bias, modality, expert, gate, A, B, scale, *, return_
     dynamic modality weights measure (DESIGN 2.1). Differentiable in x, gate, A, B, and weight and
     bias when they require grad; ``scale`` is not differentiated (a scale that requires grad is
     refused while grad mode is on). ``backend``: "auto", "torch" or "triton", as ``mose_lora``.
+
+    Validation: shapes, dtypes and devices are always checked. The value ranges of modality and expert
+    need a host read, which would break a ``torch.compile`` graph, is symbolic under ``torch.export``
+    and would synchronise inside CUDA-graph capture: it is skipped in those three cases (and for CUDA
+    tensors with ``validate=False``); the kernels then skip out-of-range ids. Under ``torch.compile``
+    the call is the registered op ``mosear::mose_linear`` (``mosear_fast.library``).
     """
     scale_vec = check_mose_linear_args(x, weight, bias, modality, expert, gate, A, B, scale,
                                        return_update_norm=return_update_norm, validate=validate)
+    if through_library():
+        return library.mose_linear(x, weight, bias, modality, expert, gate, A, B, scale_vec,
+                                   return_update_norm=return_update_norm,
+                                   backend=resolve_backend("mose_linear", backend, x.device), **backend_options)
     run = implementation("mose_linear", backend, x.device)
     return run(x, weight, bias, modality, expert, gate, A, B, scale_vec, return_update_norm=return_update_norm,
                **backend_options)
@@ -89,6 +111,12 @@ def ar_attention(q, k, v, key_modality, *, num_modalities, balance=(1, 2), targe
     ``strength=0`` without bias is plain softmax attention (with the window and softcap applied).
     ``backend``: "auto" (Triton on CUDA, PyTorch on CPU), "torch" or "triton"; every backend
     implements every option.
+
+    Validation: shapes, dtypes and devices are always checked. The value ranges of key_modality
+    need a host read, which would break a ``torch.compile`` graph, is symbolic under ``torch.export``
+    and would synchronise inside CUDA-graph capture: it is skipped in those three cases (and for CUDA
+    tensors with ``validate=False``); the kernels then skip out-of-range ids. Under ``torch.compile``
+    the call is the registered op ``mosear::ar_attention`` (``mosear_fast.library``).
     """
     args = check_ar_args(q, k, v, key_modality, num_modalities=num_modalities, balance=balance, target=target,
                          strength=strength, threshold=threshold, modality_bias=modality_bias, causal=causal,
@@ -96,7 +124,10 @@ def ar_attention(q, k, v, key_modality, *, num_modalities, balance=(1, 2), targe
                          balance_by=balance_by)
     if not isinstance(return_masses, bool):
         raise TypeError(f"return_masses: expected a bool, got {type(return_masses).__name__}")
-    run = implementation("ar_attention", backend, q.device)
+    if through_library():
+        run = functools.partial(library.ar_attention, backend=resolve_backend("ar_attention", backend, q.device))
+    else:
+        run = implementation("ar_attention", backend, q.device)
     return run(q, k, v, key_modality, num_modalities=args.num_modalities, balance=args.balance,
                target=args.target, strength=args.strength, threshold=args.threshold,
                modality_bias=args.modality_bias, causal=args.causal, scale=args.scale,

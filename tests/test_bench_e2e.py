@@ -263,3 +263,18 @@ def test_gpu_run_skips_steps_past_the_budget(tmp_path, capsys):
     assert report["steps"] == [dict(name="late", kind="op", status="skipped", rc=None, seconds=0.0,
                                     detail="out of time budget")]
     assert "never ran" not in capsys.readouterr().out
+
+
+def test_e2e_compiled_variant_times_decode_and_train_against_mosear_fast(tiny, tmp_path):
+    out = tmp_path / "e2e.json"
+    assert e2e.main(["--preset", tiny, "--device", "cpu", "--variants", "mosear_fast,mosear_compiled",
+                     "--compile-backend", "aot_eager", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["settings"]["compile_backend"] == "aot_eager"
+    (model,) = result["models"]
+    assert all(list(row["variants"]) == ["mosear_fast"] for row in model["prefill"])  # no compiled prefill
+    for kind in ("decode", "train"):
+        for row in model[kind]:
+            fast, compiled = row["variants"]["mosear_fast"], row["variants"]["mosear_compiled"]
+            assert compiled["median_ms"] > 0, compiled
+            assert compiled["ratio_to_mosear_fast"] == pytest.approx(compiled["median_ms"] / fast["median_ms"])

@@ -37,7 +37,8 @@ class MoSEStats:
         n_samples = args[4] if len(args) > 4 else 1
         slot = torch.where(modality >= 0, adapter.slot_of_modality[modality.clamp_min(0)], -1)
         # The adapter's own routing (token or sequence units): the decisions it just made.
-        _, unit_logits, unit_slot = adapter._router_logits(x, slot, sample, n_samples)
+        _, unit_logits, unit_slot, present = adapter._router_logits(x, slot, sample, n_samples)
+        unit_logits, unit_slot = unit_logits[present], unit_slot[present]  # the units with tokens
         chosen = unit_logits.float().topk(adapter.top_k, dim=-1).indices  # [U, k]
         counts = torch.zeros(adapter.num_modalities, adapter.num_experts, device=x.device)
         modality_of_unit = adapter.adapted_ids[unit_slot].unsqueeze(1).expand_as(chosen)
