@@ -288,7 +288,17 @@ def _expand_plan(n_tokens: int, d_out: int, rank: int, top_k: int, dtype: torch.
     return _planned(mose_expand_kernel, (n_blocks, n_splits), (per_split * block_n,), TOP_K=top_k, HAS_BASE=has_base,
                     ONLY_ADAPTED_ROWS=only_adapted_rows, WRITE_H=save_h, WRITE_NORM=update_norm, BLOCK_T=block_t,
                     BLOCK_N=block_n, BLOCK_R=block_r, NUMERICS=_numerics(dtype, facts[0]),
-                    num_warps=row_warps(block_r))
+                    **_expand_options(block_r, dtype))
+
+
+def _expand_options(block_r: int, dtype: torch.dtype) -> dict:
+    """fp32 tiles are IEEE FMA loops, not tensor-core dots: each thread holds its rows of the
+    [BLOCK_T, BLOCK_R] operand and its columns of the [BLOCK_R, BLOCK_N] B tile in registers, which
+    with 4 warps spills (64 B under Triton 3.6, sm_90a); 8 warps and 2 stages hold them (126-128
+    registers, 2 programs per SM, no spills; the kernel report checks it)."""
+    if dtype == torch.float32:
+        return dict(num_warps=max(8, row_warps(block_r)), num_stages=2)
+    return dict(num_warps=row_warps(block_r))
 
 
 def expand(hp, routing: MoseRouting, gate, B, scale_vec, base, y, *, only_adapted_rows=False, save_h=False,
