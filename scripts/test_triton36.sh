@@ -19,4 +19,4 @@ if [ "$#" -eq 0 ]; then
     set -- tests/test_ar_triton.py tests/test_mose_triton.py tests/test_kernel_report.py tests/test_kernel_report_ar.py \
         tests/test_kernel_report_mose.py tests/test_mose_linear_op.py tests/test_backend.py -k "triton or kernel_report"
 fi
-PYTHONPATH=.triton36 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+PYTHONPATH=.triton36 exec .venv/bin/python -m pytest -q -n "${MOSEAR_TEST_WORKERS:-auto}" --dist loadfile -p no:cacheprovider "$@"

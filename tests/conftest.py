@@ -13,6 +13,10 @@ import torch  # does not import triton
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 os.environ["MOSEAR_POISON_OUTPUTS"] = "1"
+# Under pytest-xdist (scripts/test.sh runs one worker per core) each worker computes on one thread:
+# two workers with two intra-op threads each would fight over the same two cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 import pytest  # noqa: E402
 
