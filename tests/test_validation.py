@@ -158,3 +158,27 @@ def test_ar_target_normalisation():
     assert check_target("target", (1e-300, 1e300), 2) == (0.0, 1.0)
     assert check_target("target", torch.tensor([[2.0, 6.0], [5.0, 5.0]]), 2, n_q_heads=2) == ((0.25, 0.75), (0.5, 0.5))
     assert check_target("target", None, 2) is None
+
+
+def test_scale_forms_reach_the_backends_as_float32_vectors():
+    """A number scale becomes an (M,) float32 vector (built once per value and reused: validation runs
+    on every layer call); a float32 tensor that needs no grad is passed as it is; others are converted."""
+    from mosear_fast._validation import check_mose_args
+
+    t = make_mose_inputs(5, 8, 6, n_modalities=3, rank=4, dtype=torch.float32)
+    args = (t["x"], t["modality"], t["expert"], t["gate"], t["A"], t["B"])
+
+    def checked(scale):
+        return check_mose_args(*args, scale, t["out"], inplace=False, validate=True)
+
+    two, three = checked(2.0), checked(3)
+    assert two.dtype == torch.float32 and two.tolist() == [2.0] * 3 and three.tolist() == [3.0] * 3
+    assert checked(2.0) is two  # the cached vector
+    vec = torch.tensor([1.0, 2.0, 3.0])
+    assert checked(vec) is vec
+    half = checked(vec.to(torch.float16))
+    assert half.dtype == torch.float32 and torch.equal(half, vec)
+    with torch.no_grad():
+        leaf = vec.clone().requires_grad_()
+        detached = checked(leaf)
+    assert not detached.requires_grad and torch.equal(detached, vec)
