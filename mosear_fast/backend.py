@@ -83,7 +83,11 @@ _in_onnx_export = _onnx_export_reader()
 def is_exporting() -> bool:
     """True while torch.export or torch.onnx.export traces the model."""
     exporting = getattr(torch.compiler, "is_exporting", None)
-    return bool((exporting is not None and exporting()) or _in_onnx_export())
+    if exporting is not None and exporting():
+        return True
+    if torch.compiler.is_compiling():  # dynamo traces the public function, not torch.onnx's internal modules
+        return torch.onnx.is_in_onnx_export()
+    return _in_onnx_export()
 
 
 def is_capturing() -> bool:
