@@ -85,6 +85,29 @@ def _online_step(m_i, l_i, acc, qk, v, c_log2, DOT_PREC: tl.constexpr, DOT_UPCAS
 
 
 @triton.jit
+def _load_kv(k_base, v_base, keys64, key_ok, d, stride_kl, stride_kd, stride_vl, stride_vd,
+             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The [BN, BD] K and V tiles of the keys ``keys64`` (zeros past ``key_ok`` and past the head dim)."""
+    kv_mask = key_ok[:, None]
+    if HEAD_DIM != BLOCK_D:
+        kv_mask = kv_mask & (d < HEAD_DIM)[None, :]
+    k = tl.load(k_base + keys64[:, None] * stride_kl + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+    v = tl.load(v_base + keys64[:, None] * stride_vl + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+    return k, v
+
+
+@triton.jit
+def _in_reach(visible, keys, q_pos, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """``visible`` [BM, BN] narrowed to the keys each query may see by position: ``j <= pos_i`` when
+    causal, ``pos_i - j < window`` with a sliding window (DESIGN 2.2b)."""
+    if CAUSAL:
+        visible = visible & (keys[None, :] <= q_pos[:, None])
+    if WINDOW:
+        visible = visible & (keys[None, :] > q_pos[:, None] - window)
+    return visible
+
+
+@triton.jit
 def _put_col(x, value, c, N: tl.constexpr):
     """x[:, c] = value for x [BM, N], value [BM]."""
     return tl.where(tl.arange(0, N)[None, :] == c, value[:, None], x)
@@ -237,12 +260,8 @@ def _class_pass(q, k_base, v_base, stride_kl, stride_kd, stride_vl, stride_vd, k
         entry = tl.load(list_row + e)
         blk = entry >> 1
         keys = blk * BLOCK_N + offs_n  # [BN]
-        kv_mask = (keys < len_k)[:, None]
-        if HEAD_DIM != BLOCK_D:
-            kv_mask = kv_mask & (d < HEAD_DIM)[None, :]
-        keys64 = keys.to(tl.int64)
-        k = tl.load(k_base + keys64[:, None] * stride_kl + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + keys64[:, None] * stride_vl + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        k, v = _load_kv(k_base, v_base, keys.to(tl.int64), keys < len_k, d, stride_kl, stride_kd, stride_vl,
+                        stride_vd, HEAD_DIM, BLOCK_D)  # [BN, BD]
         key_cls = tl.load(key_cls_row + keys)  # [BN]; rows hold whole blocks
         qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), DOT_PREC, DOT_UPCAST)  # [BM, BN]
         if SOFTCAP:
@@ -253,11 +272,7 @@ def _class_pass(q, k_base, v_base, stride_kl, stride_kd, stride_vl, stride_vd, k
         if WINDOW:
             masked = masked | (blk < window_blk)
         if masked:  # mixed, diagonal or window-edge block: other classes, padding, tail, future keys
-            visible = (key_cls == c)[None, :]
-            if CAUSAL:
-                visible = visible & (keys[None, :] <= q_pos[:, None])
-            if WINDOW:
-                visible = visible & (keys[None, :] > q_pos[:, None] - window)
+            visible = _in_reach((key_cls == c)[None, :], keys, q_pos, window, CAUSAL, WINDOW)
             qk = tl.where(visible, qk, float("-inf"))
         m_i, l_i, acc = _online_step(m_i, l_i, acc, qk, v, c_log2, DOT_PREC, DOT_UPCAST)
     return m_i, l_i, acc
@@ -449,23 +464,16 @@ def ar_decode_kernel(
     for start in range(lo, hi, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)  # [BN]
         key_ok = keys < hi
-        kv_mask = key_ok[:, None]
-        if HEAD_DIM != BLOCK_D:
-            kv_mask = kv_mask & (d < HEAD_DIM)[None, :]
         keys64 = keys.to(tl.int64)
-        k = tl.load(k_base + keys64[:, None] * stride_kl + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + keys64[:, None] * stride_vl + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        k, v = _load_kv(k_base, v_base, keys64, key_ok, d, stride_kl, stride_kd, stride_vl, stride_vd, HEAD_DIM,
+                        BLOCK_D)  # [BN, BD]
         mod = tl.load(mod_ptr + b * stride_modb + keys64 * stride_modl, mask=key_ok, other=-1)
         valid = (mod >= 0) & (mod < NUM_MOD)  # out-of-range ids are padding
         key_cls = tl.where(valid, tl.load(class_of_mod_ptr + tl.where(valid, mod, 0).to(tl.int32)), -1)
         qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), DOT_PREC, DOT_UPCAST)
         if SOFTCAP:
             qk = _softcapped(qk, qk_scale, softcap)
-        visible = key_cls[None, :] == row_cls[:, None]  # [BM, BN]
-        if CAUSAL:
-            visible = visible & (keys[None, :] <= q_pos[:, None])
-        if WINDOW:
-            visible = visible & (keys[None, :] > q_pos[:, None] - window)
+        visible = _in_reach(key_cls[None, :] == row_cls[:, None], keys, q_pos, window, CAUSAL, WINDOW)  # [BM, BN]
         qk = tl.where(visible, qk, float("-inf"))
         m_i, l_i, acc = _online_step(m_i, l_i, acc, qk, v, c_log2, DOT_PREC, DOT_UPCAST)
 
