@@ -297,7 +297,7 @@ def _expand_options(block_r: int, dtype: torch.dtype) -> dict:
     with 4 warps spills (64 B under Triton 3.6, sm_90a); 8 warps and 2 stages hold them (126-128
     registers, 2 programs per SM, no spills; the kernel report checks it)."""
     if dtype == torch.float32:
-        return dict(num_warps=max(8, row_warps(block_r)), num_stages=2)
+        return dict(num_warps=8, num_stages=2)
     return dict(num_warps=row_warps(block_r))
 
 
