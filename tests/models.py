@@ -34,6 +34,25 @@ def tiny_qwen2(*, seed: int = 0, layers: int = 2, hidden: int = HIDDEN, heads: i
 TINY_MODELS = {"llama": tiny_llama, "qwen2": tiny_qwen2}
 
 
+def save_qwen2_with_adapter(root):
+    """A tiny Qwen2 folder and a MoSE adapter folder for it (q/v/o projections, with an ar_config.json),
+    as a user exporting ``QWEN --adapter ADAPTER`` has them; returns ``(base_dir, adapter_dir)``."""
+    import json
+
+    from peft import get_peft_model
+
+    from mosear_fast import MoSEConfig
+
+    base_dir, adapter_dir = root / "qwen2", root / "adapter"
+    tiny_qwen2(seed=3).save_pretrained(base_dir)
+    torch.manual_seed(4)
+    peft_model = get_peft_model(tiny_qwen2(seed=3), MoSEConfig(r=4, num_experts=3, top_k=1, init_weights=False,
+                                                               target_modules=["q_proj", "v_proj", "o_proj"]))
+    peft_model.save_pretrained(adapter_dir)
+    (adapter_dir / "ar_config.json").write_text(json.dumps({"strength": 0.7, "balance": ["visual", "audio"]}))
+    return base_dir, adapter_dir
+
+
 def _sizes(hidden, layers, heads, kv_heads):
     return dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                 num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,

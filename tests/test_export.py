@@ -163,13 +163,9 @@ def write_trained_folder(folder, *, seed=5, sizes=TINY_SIZES, ar_strength=0.7):
     """A mosear-train output folder written by training's writer, as after training: a backbone with its
     weights file, MoSE with B non-zero and non-unit dynamic modality weights, and an AR config."""
     from mosear_fast import ARConfig, MoSEConfig, apply_mosear
+    from mosear_fast.atomic import atomic_write_json
     from mosear_fast.training.adapter_state import ADAPTER_FILE, mose_adapters, save_adapter
-    from mosear_fast.training.trained_folder import (
-        backbone_reference,
-        folder_files,
-        write_backbone_weights,
-        write_json,
-    )
+    from mosear_fast.training.trained_folder import backbone_reference, folder_files, write_backbone_weights
 
     backbone, _ = av.build_demo_model(seed, **sizes)
     weights = write_backbone_weights(folder, backbone)
@@ -182,7 +178,7 @@ def write_trained_folder(folder, *, seed=5, sizes=TINY_SIZES, ar_strength=0.7):
     save_adapter(folder / ADAPTER_FILE, backbone)
     for name, content in folder_files(mose, ARConfig(strength=ar_strength),
                                       backbone_reference(seed, sizes, weights)).items():
-        write_json(folder / name, content)
+        atomic_write_json(folder / name, content)
     return folder
 
 
@@ -227,19 +223,9 @@ def test_trained_folder_fp16_export(trained_folder, tmp_path):
 
 @pytest.fixture
 def qwen2_with_adapter(tmp_path):
-    from peft import get_peft_model
+    from tests.models import save_qwen2_with_adapter
 
-    from mosear_fast import MoSEConfig
-    from tests.models import tiny_qwen2
-
-    base_dir, adapter_dir = tmp_path / "qwen2", tmp_path / "adapter"
-    tiny_qwen2(seed=3).save_pretrained(base_dir)
-    torch.manual_seed(4)
-    peft_model = get_peft_model(tiny_qwen2(seed=3), MoSEConfig(r=4, num_experts=3, top_k=1, init_weights=False,
-                                                               target_modules=["q_proj", "v_proj", "o_proj"]))
-    peft_model.save_pretrained(adapter_dir)
-    (adapter_dir / "ar_config.json").write_text(json.dumps({"strength": 0.7, "balance": ["visual", "audio"]}))
-    return base_dir, adapter_dir
+    return save_qwen2_with_adapter(tmp_path)
 
 
 @pytest.mark.slow

@@ -22,20 +22,9 @@ RANGES = dict(batch="1:2:3", seq="1:9:12")
 
 @pytest.fixture(scope="module")
 def qwen2_folders(tmp_path_factory):
-    from peft import get_peft_model
+    from tests.models import save_qwen2_with_adapter
 
-    from mosear_fast import MoSEConfig
-    from tests.models import tiny_qwen2
-
-    root = tmp_path_factory.mktemp("qwen2")
-    base_dir, adapter_dir = root / "qwen2", root / "adapter"
-    tiny_qwen2(seed=3).save_pretrained(base_dir)
-    torch.manual_seed(4)
-    peft_model = get_peft_model(tiny_qwen2(seed=3), MoSEConfig(r=4, num_experts=3, top_k=1, init_weights=False,
-                                                               target_modules=["q_proj", "v_proj", "o_proj"]))
-    peft_model.save_pretrained(adapter_dir)
-    (adapter_dir / "ar_config.json").write_text(json.dumps({"strength": 0.7, "balance": ["visual", "audio"]}))
-    return base_dir, adapter_dir
+    return save_qwen2_with_adapter(tmp_path_factory.mktemp("qwen2"))
 
 
 @pytest.fixture(scope="module")
