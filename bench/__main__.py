@@ -9,13 +9,12 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 import torch
 
-from mosear_fast.atomic import atomic_write_text
+from mosear_fast.atomic import atomic_write_json
 
 from . import presets
 from .environment import describe
@@ -134,7 +133,7 @@ def main(argv=None) -> int:
                                    f"{args.op}-{args.preset}-{args.mode}-{device.type}.json")
 
     def save(result):
-        atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+        atomic_write_json(out, result)
 
     try:
         result = run(args.op, args.preset, args.mode, device, names, min_seconds=args.min_seconds,

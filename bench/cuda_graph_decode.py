@@ -28,7 +28,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -237,9 +236,9 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.out:
-        from mosear_fast.atomic import atomic_write_text
+        from mosear_fast.atomic import atomic_write_json
 
-        atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+        atomic_write_json(args.out, result)
         print(f"wrote {args.out}")
     failed = [r["step"] for r in result["results"] if r.get("replay_matches_eager") is False or
               r.get("finite") is False]

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -51,7 +50,7 @@ import warnings
 
 import torch
 
-from mosear_fast.atomic import atomic_write_text
+from mosear_fast.atomic import atomic_write_json
 
 from . import presets
 from .environment import describe
@@ -626,7 +625,7 @@ def main(argv=None) -> int:
     out = args.out or os.path.join(RESULTS, f"e2e-{args.preset}-{device.type}.json")
 
     def save(result):  # after every model, so a run stopped by a time limit keeps what it measured
-        atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+        atomic_write_json(out, result)
 
     try:
         save(run(args.preset, device, models=split(args.models), variants=split(args.variants),

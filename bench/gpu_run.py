@@ -339,9 +339,9 @@ def execute(steps: list[Step], out: str, deadline: float, log, *, cuda: bool) ->
 
 
 def _write_json(path, data):
-    from mosear_fast.atomic import atomic_write_text
+    from mosear_fast.atomic import atomic_write_json
 
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+    atomic_write_json(path, data)
 
 
 if __name__ == "__main__":

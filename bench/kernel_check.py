@@ -16,14 +16,13 @@ check failed.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import traceback
 
 import torch
 
-from mosear_fast.atomic import atomic_write_text
+from mosear_fast.atomic import atomic_write_json
 
 from .environment import describe
 
@@ -154,7 +153,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result = run(device, log=lambda s: print(s, flush=True))
     if args.out:
-        atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+        atomic_write_json(args.out, result)
     print(f"kernel check: {result['passed']} passed, {result['failed']} failed "
           f"({'compiled on ' + result['environment']['device'] if result['compiled'] else 'Triton interpreter'})")
     return 0 if result["failed"] == 0 else 1

@@ -11,6 +11,7 @@ folder first and published as one unit (:func:`staged_folder`, :func:`publish_fo
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -52,6 +53,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_write_json(path: str | os.PathLike, data) -> None:
+    """Write ``data`` as indented JSON, with a final newline, to ``path`` atomically."""
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def atomic_save_tensors(

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from mosear_fast.atomic import atomic_save_figure, atomic_write_text
+from mosear_fast.atomic import atomic_save_figure, atomic_write_json, atomic_write_text
 
 from .camer import AUDIO_ALIGNED, CONSISTENT, VIDEO_ALIGNED
 from .demo_stats import interval
@@ -312,7 +312,7 @@ def write_results(out_dir: Path, results: dict) -> None:
                       + render_markdown(results))
     write_chart(out_dir / "demo.png", results)
     write_tradeoff_chart(out_dir / "tradeoff.png", results)
-    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_json(out_dir / "results.json", results)
 
 
 def replace_block(text: str, block: str) -> str:

@@ -63,12 +63,13 @@ def run_seed(settings, seed: int, out_dir: Path, *, keep_mose: bool, progress: b
     from transformers import set_seed
 
     from mosear_fast import ARConfig
+    from mosear_fast.atomic import atomic_write_json
     from mosear_fast.av_model import build_demo_model
 
     from . import demo_ar
     from .demo_eval import EvalSet, evaluate_bayes, evaluate_camer
     from .demo_fit import fit_full, fit_lora, fit_mose, lora_rank_for, train_backbone
-    from .trained_folder import AR_CONFIG_FILE, ar_config_fields, write_json
+    from .trained_folder import AR_CONFIG_FILE, ar_config_fields
 
     wall, cpu = time.perf_counter(), time.process_time()
     stages: dict[str, float] = {}  # CPU seconds per stage
@@ -135,8 +136,8 @@ def run_seed(settings, seed: int, out_dir: Path, *, keep_mose: bool, progress: b
 
     mose_folder = work / f"mose-r{size[0]}-e{size[1]}"
     option, strength = mose_ar_choice
-    write_json(mose_folder / AR_CONFIG_FILE, None if option == demo_ar.NO_AR
-               else ar_config_fields(_at_strength(mose_configs[option], strength)))
+    atomic_write_json(mose_folder / AR_CONFIG_FILE, None if option == demo_ar.NO_AR
+                      else ar_config_fields(_at_strength(mose_configs[option], strength)))
     if keep_mose:
         shutil.rmtree(out_dir / "mose", ignore_errors=True)
         mose_folder.rename(out_dir / "mose")

@@ -14,8 +14,10 @@ from pathlib import Path
 import torch
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from mosear_fast.atomic import atomic_write_json
+
 from .av_batches import AVCollator
-from .trained_folder import BACKBONE_FILE, folder_files, write_json
+from .trained_folder import BACKBONE_FILE, folder_files
 from .trainer import MoSETrainer, freeze_all_but_adapters
 
 
@@ -61,7 +63,7 @@ def fit_mose(model, train_dataset, args, *, mose, ar=None, backbone: dict, eval_
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     trainer.save_model(args.output_dir)
     if trainer.args.should_save:
-        write_json(Path(args.output_dir) / BACKBONE_FILE, backbone)
+        atomic_write_json(Path(args.output_dir) / BACKBONE_FILE, backbone)
         trainer.save_state()
     return trainer
 

@@ -7,12 +7,11 @@ re-exported here so ``mosear_fast.training.load_trained`` keeps working.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict
 from pathlib import Path
 
-from mosear_fast.atomic import atomic_save_tensors, atomic_write_text
+from mosear_fast.atomic import atomic_save_tensors
 from mosear_fast.trained import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_FILE,
@@ -69,12 +68,8 @@ def write_backbone_weights(folder: str | os.PathLike, model) -> str:
     return BACKBONE_WEIGHTS_FILE
 
 
-def write_json(path: str | os.PathLike, content) -> None:
-    atomic_write_text(path, json.dumps(content, indent=2) + "\n")
-
-
 __all__ = [
     "ADAPTER_CONFIG_FILE", "ADAPTER_FILE", "AR_CONFIG_FILE", "BACKBONE_FILE", "BACKBONE_FORMAT",
     "BACKBONE_WEIGHTS_FILE", "BUILDER", "adapter_config_fields", "ar_config_fields", "backbone_reference",
-    "folder_files", "load_backbone", "load_trained", "write_backbone_weights", "write_json",
+    "folder_files", "load_backbone", "load_trained", "write_backbone_weights",
 ]

@@ -26,13 +26,12 @@ come from ``apply_mosear``; only adapter parameters should require grad (``freez
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Mapping
 
 from transformers import Trainer
 
-from mosear_fast.atomic import atomic_write_text
+from mosear_fast.atomic import atomic_write_json, atomic_write_text
 
 from .adapter_state import (
     ADAPTER_FILE,
@@ -127,7 +126,7 @@ class MoSETrainer(Trainer):
         source = state_dict if state_dict is not None else self.accelerator.unwrap_model(self.model)
         save_adapter(os.path.join(output_dir, ADAPTER_FILE), source, prefix=self._adapter_prefix)
         for name, content in self.folder_files.items():
-            atomic_write_text(os.path.join(output_dir, name), json.dumps(content, indent=2) + "\n")
+            atomic_write_json(os.path.join(output_dir, name), content)
         atomic_write_text(os.path.join(output_dir, TRAINING_ARGS_FILE), self.args.to_json_string() + "\n")
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
