@@ -343,12 +343,7 @@ def _measure_ort(model, preset, device, prefill_in, prefill, reference, parity, 
         except Exception as err:  # noqa: BLE001  (the export is another team's work in progress)
             traceback.print_exc(file=sys.stderr)
             reason = f"export or session failed: {_first_line(err)}"
-    if reason is not None:
-        log(f"{tag} {ORT}: skipped: {reason}")
-        for n in prefill_in:
-            prefill[n][ORT] = dict(skipped=reason)
-        info["skipped"] = reason
-    return info
+    return _ort_skipped(info, reason, prefill, log=log, label=f"{tag} {ORT}")
 
 
 def _measure_ort_decode(model, preset, device, decode_in, decode, *, log, tag, workdir):
@@ -384,10 +379,15 @@ def _measure_ort_decode(model, preset, device, decode_in, decode, *, log, tag, w
         except Exception as err:  # noqa: BLE001  (reported in the results, like the prefill variant)
             traceback.print_exc(file=sys.stderr)
             reason = f"export or session failed: {_first_line(err)}"
+    return _ort_skipped(info, reason, decode, log=log, label=f"{tag} {ORT} decode")
+
+
+def _ort_skipped(info: dict, reason: str | None, cells: dict, *, log, label: str) -> dict:
+    """``info``, with the onnxruntime cell of every row of ``cells`` marked skipped when ``reason`` is set."""
     if reason is not None:
-        log(f"{tag} {ORT} decode: skipped: {reason}")
-        for b in decode_in:
-            decode[b][ORT] = dict(skipped=reason)
+        log(f"{label}: skipped: {reason}")
+        for row in cells.values():
+            row[ORT] = dict(skipped=reason)
         info["skipped"] = reason
     return info
 
