@@ -189,3 +189,18 @@ def test_fsdp_in_one_process_is_refused(tmp_path, capsys):
     # (transformers' own check; a multi-process CPU run is refused by MoSETrainer: tests/test_training_ddp.py)
     _fails_cleanly(tmp_path, capsys, ["--output-dir", str(tmp_path / "out"), *SMALL, "--fsdp", "true"],
                    "fsdp only works in distributed training")
+
+
+def test_a_staging_folder_removed_while_listed_holds_no_checkpoint(tmp_path, monkeypatch):
+    """Rank 0 removes a failed run's staging folder while another rank looks for checkpoints in it to
+    word its error line: the folder vanishing mid-listing means no checkpoint, not a traceback."""
+    import os
+
+    (tmp_path / "checkpoint-2").mkdir()
+    assert train_cli.has_checkpoint(tmp_path)
+
+    def vanished(path):
+        raise FileNotFoundError(2, "No such file or directory", str(path))
+
+    monkeypatch.setattr(os, "scandir", vanished)
+    assert train_cli.has_checkpoint(tmp_path) is False

@@ -76,7 +76,10 @@ def staging_folder(out: Path) -> Path:
 
 
 def has_checkpoint(folder: Path) -> bool:
-    return any(p.is_dir() for p in folder.glob(CHECKPOINT_PATTERN))
+    try:
+        return any(p.is_dir() for p in folder.glob(CHECKPOINT_PATTERN))
+    except FileNotFoundError:  # removed while listed: rank 0 discards a failed run's staging folder as others look
+        return False
 
 
 def resolve_resume(resume: str | None, out: Path, staging: Path) -> str | None:
